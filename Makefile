@@ -1,0 +1,52 @@
+# kube-proxy-agent: `make demo` sets up and runs the demo; `make test` runs every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := iptables nftables python3-nftables conntrack ipset iproute2 kmod python3-venv \
+	python3-pip openssl procps
+PROXY_MODE ?= iptables
+
+.PHONY: install test unit kernel lint typecheck bench demo clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make install   apt packages + venv (.venv) with the agent and its dev tools"
+	@echo "make test      lint, type-check and every test (unit, kernel, end-to-end)"
+	@echo "make demo      two simulated nodes on a real control plane, PROXY_MODE=$(PROXY_MODE)"
+	@echo "make bench     1k/10k Services benchmark (not part of make test)"
+
+$(VENV)/.installed: pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/lint-imports
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(VENV)/bin/pytest -q tests/unit
+
+kernel: install
+	$(VENV)/bin/pytest -q tests/kernel
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q -rs tests
+
+bench: install
+	$(PY) -m tests.bench.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+-include mk/*.mk

@@ -1,0 +1,344 @@
+"""DesiredState -> iptables-restore input. Pure: no I/O, no kernel.
+
+Each service port renders to a `ServiceRules` (its own chains plus the lines it contributes to the
+shared dispatch chains), cached between syncs. A partial sync re-renders only changed ports and
+writes only their chains, plus any shared chain whose text changed; a full sync writes everything
+and deletes every chain of ours that is no longer wanted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.backends.iptables import chains as C
+from agent.model.desired import DesiredState, NodeContext, ServicePlan
+from agent.model.endpoints import EndpointInfo
+from agent.model.serviceport import ServicePortName
+
+# Shared chains whose content is the concatenation of every service port's lines.
+REJECT = "-j REJECT"  # ICMP port unreachable: the client sees "connection refused" at once
+
+DISPATCH: tuple[tuple[str, str], ...] = (
+    ("nat", C.SERVICES),
+    ("nat", C.NODEPORTS),
+    ("filter", C.SERVICES),
+    ("filter", C.EXTERNAL_SERVICES),
+    ("mangle", C.FIREWALL),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    """What one service port puts in the kernel."""
+
+    # table -> ((chain, rule lines), ...) for chains owned by this port alone
+    chains: Mapping[str, tuple[tuple[str, tuple[str, ...]], ...]]
+    # (table, dispatch chain) -> lines this port adds there
+    dispatch: Mapping[tuple[str, str], tuple[str, ...]]
+    endpoints: int = 0
+
+    def rule_count(self, table: str) -> int:
+        return sum(len(rules) for _, rules in self.chains.get(table, ())) + sum(
+            len(v) for (t, _), v in self.dispatch.items() if t == table
+        )
+
+    def chain_names(self) -> set[tuple[str, str]]:
+        return {(t, name) for t, cs in self.chains.items() for name, _ in cs}
+
+
+@dataclass(slots=True)
+class RenderResult:
+    text: str
+    rules: int  # rule lines written, per family
+    chains: int
+    deleted_chains: int
+    per_table: dict[str, int] = field(default_factory=dict)  # rules written per table
+    totals: dict[str, int] = field(default_factory=dict)  # rules in each table after the write
+
+
+def _proto(p: str) -> str:
+    return p.lower()
+
+
+def _match(proto: str, port: int) -> str:
+    pr = _proto(proto)
+    return f"-p {pr} -m {pr} --dport {port}"
+
+
+def _host(ip: str, family: int) -> str:
+    return f"{ip}/32" if family == 4 else f"{ip}/128"
+
+
+def _comment(text: str) -> str:
+    return f'-m comment --comment "{text}"'
+
+
+def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
+    info = plan.info
+    fam = info.family
+    spn = str(info.name)
+    proto = info.protocol
+    svc_chain = C.service_chain("SVC", spn, proto)
+    svl_chain = C.service_chain("SVL", spn, proto)
+    ext_chain = C.service_chain("EXT", spn, proto)
+    fw_chain = C.service_chain("FW", spn, proto)
+    nat: list[tuple[str, tuple[str, ...]]] = []
+    mangle: list[tuple[str, tuple[str, ...]]] = []
+    d: dict[tuple[str, str], list[str]] = {k: [] for k in DISPATCH}
+    match = _match(proto, info.port)
+    cip = _host(info.cluster_ip, fam)
+
+    # Endpoint chains, shared by the cluster (SVC) and local (SVL) chains.
+    sep_names: dict[EndpointInfo, str] = {}
+    for ep in sorted(plan.all_endpoints):
+        name = C.endpoint_chain(spn, proto, ep.address)
+        sep_names[ep] = name
+        rules = [f"-A {name} -s {_host(ep.ip, fam)} -j {C.MARK_MASQ}"]
+        recent = f"-m recent --name {name} --mask {'255.255.255.255' if fam == 4 else 'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff'} --rsource"
+        aff = f" {recent} --set" if info.affinity_seconds else ""
+        rules.append(f"-A {name} -p {_proto(proto)} -m {_proto(proto)}{aff} -j DNAT --to-destination {ep.address}")
+        nat.append((name, tuple(rules)))
+
+    def spread(chain: str, eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
+        rules: list[str] = []
+        if node.masquerade_all:
+            rules.append(f"-A {chain} -d {cip} {match} -j {C.MARK_MASQ}")
+        else:
+            rules += [f"-A {chain} ! -s {cidr} -d {cip} {match} -j {C.MARK_MASQ}" for cidr in node.cluster_cidrs]
+        if info.affinity_seconds:
+            mask = "255.255.255.255" if fam == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+            for ep in eps:
+                sep = sep_names[ep]
+                rules.append(
+                    f"-A {chain} -m recent --name {sep} --mask {mask} --rsource --rcheck "
+                    f"--seconds {info.affinity_seconds} --reap -j {sep}"
+                )
+        n = len(eps)
+        for i, ep in enumerate(eps):
+            sep = sep_names[ep]
+            if i < n - 1:
+                rules.append(
+                    f"-A {chain} -m statistic --mode random --probability {1.0 / (n - i):.10f} -j {sep}"
+                )
+            else:
+                rules.append(f"-A {chain} -j {sep}")
+        return tuple(rules)
+
+    if plan.cluster:
+        nat.append((svc_chain, spread(svc_chain, plan.cluster)))
+    if plan.local:
+        nat.append((svl_chain, spread(svl_chain, plan.local)))
+
+    # Cluster IP.
+    internal_chain = svl_chain if info.internal_policy_local else svc_chain
+    if plan.internal_endpoints:
+        d[("nat", C.SERVICES)].append(
+            f"-A {C.SERVICES} -d {cip} {match} {_comment(f'{spn} cluster IP')} -j {internal_chain}"
+        )
+    else:
+        verdict = "-j DROP" if plan.has_any else REJECT
+        d[("filter", C.SERVICES)].append(
+            f"-A {C.SERVICES} -d {cip} {match} {_comment(f'{spn} has no endpoints')} {verdict}"
+        )
+
+    # External traffic: node ports, external IPs, load-balancer IPs all enter the EXT chain.
+    if info.externally_accessible:
+        ext_rules: list[str] = []
+        if info.external_policy_local:
+            if plan.cluster:
+                ext_rules += [f"-A {ext_chain} -s {cidr} -j {svc_chain}" for cidr in node.cluster_cidrs]
+                ext_rules.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {C.MARK_MASQ}")
+                ext_rules.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {svc_chain}")
+            if plan.local:
+                ext_rules.append(f"-A {ext_chain} -j {svl_chain}")
+        elif plan.cluster:
+            ext_rules.append(f"-A {ext_chain} -j {C.MARK_MASQ}")
+            ext_rules.append(f"-A {ext_chain} -j {svc_chain}")
+        has_ext = bool(ext_rules)
+        if has_ext:
+            nat.append((ext_chain, tuple(ext_rules)))
+        # What happens to external traffic that the EXT chain does not DNAT.
+        ext_verdict = "" if plan.external_endpoints else ("-j DROP" if plan.has_any else REJECT)
+        ext_reason = "no local endpoints" if plan.has_any else "no endpoints"
+        for ip, what in [(i, "external IP") for i in info.external_ips] + [
+            (i, "load balancer IP") for i in info.load_balancer_ips
+        ]:
+            if has_ext:
+                d[("nat", C.SERVICES)].append(
+                    f"-A {C.SERVICES} -d {_host(ip, fam)} {match} {_comment(f'{spn} {what}')} -j {ext_chain}"
+                )
+            if ext_verdict:
+                d[("filter", C.EXTERNAL_SERVICES)].append(
+                    f"-A {C.EXTERNAL_SERVICES} -d {_host(ip, fam)} {match} "
+                    f"{_comment(f'{spn} has {ext_reason}')} {ext_verdict}"
+                )
+        if info.node_port:
+            np_match = _match(proto, info.node_port)
+            if has_ext:
+                d[("nat", C.NODEPORTS)].append(
+                    f"-A {C.NODEPORTS} {np_match} {_comment(f'{spn} node port')} -j {ext_chain}"
+                )
+            if ext_verdict:
+                d[("filter", C.EXTERNAL_SERVICES)].append(
+                    f"-A {C.EXTERNAL_SERVICES} -m addrtype --dst-type LOCAL {np_match} "
+                    f"{_comment(f'{spn} has {ext_reason}')} {ext_verdict}"
+                )
+        if info.load_balancer_source_ranges:
+            fw = [f"-A {fw_chain} -s {cidr} -j RETURN" for cidr in info.load_balancer_source_ranges]
+            fw.append(f"-A {fw_chain} {_comment(f'{spn} source not in loadBalancerSourceRanges')} -j DROP")
+            mangle.append((fw_chain, tuple(fw)))
+            for ip in info.load_balancer_ips:
+                d[("mangle", C.FIREWALL)].append(f"-A {C.FIREWALL} -d {_host(ip, fam)} {match} -j {fw_chain}")
+
+    chains_by_table: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
+    if nat:
+        chains_by_table["nat"] = tuple(nat)
+    if mangle:
+        chains_by_table["mangle"] = tuple(mangle)
+    return ServiceRules(
+        chains=chains_by_table,
+        dispatch={k: tuple(v) for k, v in d.items() if v},
+        endpoints=len(plan.all_endpoints),
+    )
+
+
+def base_rules(node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Rules of the fixed chains (not per service)."""
+    loop = node.loopback
+    if node.nodeport_ips is None:
+        np_jump = [
+            f"-A {C.SERVICES} ! -d {loop} -m addrtype --dst-type LOCAL {_comment('node ports')} -j {C.NODEPORTS}"
+        ]
+    else:
+        np_jump = [
+            f"-A {C.SERVICES} -d {_host(ip, node.family)} {_comment('node ports')} -j {C.NODEPORTS}"
+            for ip in node.nodeport_ips
+        ]
+    return {
+        ("nat", C.MARK_MASQ): (f"-A {C.MARK_MASQ} -j MARK --or-mark {C.MASQ_MARK}",),
+        ("nat", C.POSTROUTING): (
+            f"-A {C.POSTROUTING} -m mark ! --mark {C.MASQ_MARK}/{C.MASQ_MARK} -j RETURN",
+            f"-A {C.POSTROUTING} -j MARK --xor-mark {C.MASQ_MARK}",
+            f"-A {C.POSTROUTING} {_comment('kube-proxy-agent service traffic requiring SNAT')} "
+            "-j MASQUERADE --random-fully",
+        ),
+        ("filter", C.FORWARD): (
+            f"-A {C.FORWARD} -m mark --mark {C.MASQ_MARK}/{C.MASQ_MARK} -j ACCEPT",
+            f"-A {C.FORWARD} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ),
+        ("nat", C.SERVICES + "#tail"): tuple(np_jump),
+    }
+
+
+class IptablesRenderer:
+    """Keeps each service port's rendered rules and what was last written, per family."""
+
+    def __init__(self) -> None:
+        self._rules: dict[ServicePortName, ServiceRules] = {}
+        self._dispatch_text: dict[tuple[str, str], str] = {}
+
+    def reset(self) -> None:
+        """Forget what was written (after a failed restore): the next render must be full."""
+        self._dispatch_text.clear()
+
+    def render(
+        self,
+        desired: DesiredState,
+        changed: Iterable[ServicePortName],
+        *,
+        full: bool,
+        existing_chains: Mapping[str, set[str]] | None = None,
+    ) -> RenderResult:
+        """Restore input for one family. `existing_chains` (table -> our chains in the kernel)
+        lets a full sync delete leftovers; a partial sync deletes what it knows it replaced."""
+        node = desired.node
+        to_write: set[ServicePortName] = set(desired.services) if full else set(changed)
+        deleted: set[tuple[str, str]] = set()
+        for spn in to_write:
+            old = self._rules.get(spn)
+            plan = desired.services.get(spn)
+            if plan is None:
+                self._rules.pop(spn, None)
+                if old is not None:
+                    deleted |= old.chain_names()
+                continue
+            new = render_service(plan, node)
+            if old is not None:
+                deleted |= old.chain_names() - new.chain_names()
+            self._rules[spn] = new
+        if full:
+            for spn in set(self._rules) - set(desired.services):
+                deleted |= self._rules.pop(spn).chain_names()
+
+        base = base_rules(node)
+        order = sorted(self._rules)
+        dispatch_out: dict[tuple[str, str], list[str]] = {}
+        for key in DISPATCH:
+            lines: list[str] = []
+            for spn in order:
+                lines.extend(self._rules[spn].dispatch.get(key, ()))
+            if key == ("nat", C.SERVICES):
+                lines.extend(base[("nat", C.SERVICES + "#tail")])
+            text = "\n".join(lines)
+            if full or self._dispatch_text.get(key) != text:
+                dispatch_out[key] = lines
+                self._dispatch_text[key] = text
+
+        wanted: dict[str, set[str]] = {t: set(C.BASE_CHAINS[t]) for t in C.TABLES}
+        for spn in order:
+            for t, name in self._rules[spn].chain_names():
+                wanted[t].add(name)
+        if full and existing_chains is not None:
+            for t in C.TABLES:
+                deleted |= {(t, c) for c in existing_chains.get(t, set()) - wanted[t]}
+        deleted = {(t, c) for t, c in deleted if c not in wanted[t]}
+
+        out: list[str] = []
+        n_rules = n_chains = 0
+        per_table: dict[str, int] = {}
+        for table in C.TABLES:
+            decl: list[str] = []
+            body: list[str] = []
+            if full:
+                for chain in C.BASE_CHAINS[table]:
+                    decl.append(f":{chain} - [0:0]")
+                for (t, chain), rules in base.items():
+                    if t == table and not chain.endswith("#tail"):
+                        body.extend(rules)
+            for (t, chain), lines in dispatch_out.items():
+                if t == table:
+                    if not full:
+                        decl.append(f":{chain} - [0:0]")
+                    body.extend(lines)
+            for spn in sorted(to_write):
+                r = self._rules.get(spn)
+                if r is None:
+                    continue
+                for chain, rules in r.chains.get(table, ()):
+                    decl.append(f":{chain} - [0:0]")
+                    body.extend(rules)
+            gone = sorted(c for t, c in deleted if t == table)
+            decl.extend(f":{c} - [0:0]" for c in gone)
+            if not decl and not body:
+                continue
+            out.append(f"*{table}")
+            out.extend(decl)
+            out.extend(body)
+            out.extend(f"-X {c}" for c in gone)
+            out.append("COMMIT")
+            n_rules += len(body)
+            n_chains += len(decl) - len(gone)
+            per_table[table] = len(body)
+        totals = {t: sum(len(v) for (tt, c), v in base.items() if tt == t) for t in C.TABLES}
+        for r in self._rules.values():
+            for t in C.TABLES:
+                totals[t] += r.rule_count(t)
+        return RenderResult(
+            totals=totals,
+            text="\n".join(out) + "\n" if out else "",
+            rules=n_rules,
+            chains=n_chains,
+            deleted_chains=len(deleted),
+            per_table=per_table,
+        )

@@ -1,0 +1,236 @@
+"""ClusterModel: records in, DesiredState per family out, recomputing only what changed."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.model.desired import ChangedPorts, DesiredState, NodeContext, ServicePlan
+from agent.model.endpoints import EndpointInfo, SliceInfo, merge_slices, slice_info
+from agent.model.records import ZONE_LABEL, EndpointSlice, Node, Service
+from agent.model.serviceport import (
+    NamespacedName,
+    Problem,
+    ServicePortInfo,
+    ServicePortName,
+    is_proxied,
+    service_ports,
+)
+from agent.model.topology import categorize
+from agent.model.tracker import ChangeTracker
+
+FAMILIES = (4, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleFlow:
+    """UDP conntrack entries to delete after a sync: to `frontend` (ip or None for any local
+    address, with `port`), optionally only those DNATed to `endpoint_ip`."""
+
+    family: int
+    frontend: str | None
+    port: int
+    endpoint_ip: str | None = None
+
+
+@dataclass(slots=True)
+class Update:
+    """What one drain of the trackers produced."""
+
+    changed: dict[int, ChangedPorts] = field(default_factory=dict)
+    full: bool = False
+    trigger_times: list[str] = field(default_factory=list)
+    stale_flows: list[StaleFlow] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    services_changed: int = 0
+    endpoints_changed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    zone: str = ""
+    deleting: bool = False
+
+
+class ClusterModel:
+    """The node's view of the cluster. Pure: fed records, asked for desired state."""
+
+    def __init__(
+        self,
+        node_name: str,
+        cluster_cidrs: Iterable[str] = (),
+        masquerade_all: bool = False,
+        nodeport_cidrs: Iterable[str] = (),
+    ) -> None:
+        self.node_name = node_name
+        self._cidrs = tuple(cluster_cidrs)
+        self._masquerade_all = masquerade_all
+        self._nodeport_cidrs = tuple(nodeport_cidrs)
+        self._local_ips: tuple[str, ...] = ()
+        self.services: ChangeTracker[NamespacedName, tuple[ServicePortInfo, ...]] = ChangeTracker()
+        self.slices: ChangeTracker[NamespacedName, SliceInfo] = ChangeTracker()
+        self._slices_by_service: dict[NamespacedName, set[NamespacedName]] = {}
+        self._node = NodeInfo()
+        self._node_dirty = True
+        self.desired: dict[int, DesiredState] = {f: DesiredState(self._context(f)) for f in FAMILIES}
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def on_service(self, key: NamespacedName, svc: Service | None) -> list[Problem]:
+        problems: list[Problem] = []
+        ports: tuple[ServicePortInfo, ...] | None = None
+        if svc is not None:
+            ok, _ = is_proxied(svc)
+            if ok:
+                infos, problems = service_ports(svc)
+                ports = tuple(infos) or None
+        self.services.update(key, ports)
+        return problems
+
+    def on_slice(self, key: NamespacedName, es: EndpointSlice | None) -> list[Problem]:
+        problems: list[Problem] = []
+        info: SliceInfo | None = None
+        if es is not None:
+            info, problems = slice_info(es)
+        self.slices.update(key, info)
+        return problems
+
+    def on_node(self, node: Node | None) -> None:
+        info = NodeInfo()
+        if node is not None:
+            info = NodeInfo(node.metadata.labels.get(ZONE_LABEL, ""), node.metadata.deletion_timestamp is not None)
+        if info != self._node:
+            self._node = info
+            self._node_dirty = True
+
+    def set_local_ips(self, ips: Iterable[str]) -> None:
+        """This node's own addresses (read from the kernel), for --nodeport-addresses."""
+        new = tuple(sorted(ips))
+        if new != self._local_ips:
+            self._local_ips = new
+            if self._nodeport_cidrs:
+                self._node_dirty = True
+
+    @property
+    def node_deleting(self) -> bool:
+        return self._node.deleting
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        return self.services.pending, self.slices.pending
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def _context(self, family: int) -> NodeContext:
+        fam_cidrs = tuple(c for c in self._cidrs if ipaddress.ip_network(c, strict=False).version == family)
+        nodeport_ips: tuple[str, ...] | None = None
+        if self._nodeport_cidrs:
+            nets = [ipaddress.ip_network(c, strict=False) for c in self._nodeport_cidrs]
+            nodeport_ips = tuple(
+                ip for ip in self._local_ips
+                if ipaddress.ip_address(ip).version == family
+                and any(ipaddress.ip_address(ip) in n for n in nets)
+            )
+        return NodeContext(
+            family=family,
+            node_name=self.node_name,
+            zone=self._node.zone,
+            cluster_cidrs=fam_cidrs,
+            masquerade_all=self._masquerade_all,
+            nodeport_ips=nodeport_ips,
+        )
+
+    def drain(self) -> Update:
+        """Commit pending changes and recompute the plans they touch."""
+        update = Update()
+        svc_changes = self.services.drain()
+        slice_changes = self.slices.drain()
+        update.services_changed = len(svc_changes)
+        update.endpoints_changed = len(slice_changes)
+        touched: set[NamespacedName] = set(svc_changes)
+        for key, (prev, cur) in slice_changes.items():
+            for s in (prev, cur):
+                if s is not None:
+                    touched.add(s.service)
+            if prev is not None and (cur is None or cur.service != prev.service):
+                self._slices_by_service.get(prev.service, set()).discard(key)
+            if cur is not None:
+                self._slices_by_service.setdefault(cur.service, set()).add(key)
+                if cur.trigger_time:
+                    update.trigger_times.append(cur.trigger_time)
+        if self._node_dirty:
+            self._node_dirty = False
+            update.full = True
+            for fam in FAMILIES:
+                self.desired[fam].node = self._context(fam)
+            touched = set(self.services.committed) | {s for s, _ in self._plans_by_service()}
+        for fam in FAMILIES:
+            update.changed[fam] = self._recompute(fam, touched, update)
+        return update
+
+    def _plans_by_service(self) -> set[tuple[NamespacedName, int]]:
+        return {(spn.service, fam) for fam in FAMILIES for spn in self.desired[fam].services}
+
+    def _recompute(self, family: int, touched: set[NamespacedName], update: Update) -> ChangedPorts:
+        stale = update.stale_flows
+        state = self.desired[family]
+        ctx = state.node
+        changed: set[ServicePortName] = set()
+        by_service: dict[NamespacedName, list[ServicePortName]] = {}
+        for spn in state.services:
+            if spn.service in touched:
+                by_service.setdefault(spn.service, []).append(spn)
+        for svc in touched:
+            ports = [p for p in self.services.committed.get(svc, ()) if p.family == family]
+            slices = [self.slices.committed[k] for k in self._slices_by_service.get(svc, ())
+                      if k in self.slices.committed]
+            merged, dups = merge_slices(s for s in slices if s.family == family)
+            for d in dups:
+                update.problems.append(Problem("EndpointSlice", str(svc), "duplicate_endpoint",
+                                               f"endpoint {d} listed twice with different state; "
+                                               "using the readiest"))
+            new_plans: dict[ServicePortName, ServicePlan] = {}
+            for info in ports:
+                eps = merged.get((family, (info.name.port, info.protocol)), ())
+                cat = categorize(info, eps, ctx.node_name, ctx.zone)
+                new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any)
+            for spn in by_service.get(svc, []):
+                if spn not in new_plans:
+                    old = state.services.pop(spn)
+                    changed.add(spn)
+                    _stale_for(old, None, stale)
+            for spn, plan in new_plans.items():
+                old_plan = state.services.get(spn)
+                if old_plan != plan:
+                    state.services[spn] = plan
+                    changed.add(spn)
+                    _stale_for(old_plan, plan, stale)
+        return frozenset(changed)
+
+
+def _frontends(info: ServicePortInfo) -> list[tuple[str | None, int]]:
+    out: list[tuple[str | None, int]] = [(info.cluster_ip, info.port)]
+    out += [(ip, info.port) for ip in info.external_ips + info.load_balancer_ips]
+    if info.node_port:
+        out.append((None, info.node_port))
+    return out
+
+
+def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:
+    """UDP flows that a plan change leaves pointing nowhere useful (kube-proxy's conntrack cleanup)."""
+    info = (new or old).info if (new or old) is not None else None
+    if info is None or info.protocol != "UDP":
+        return
+    old_eps: frozenset[EndpointInfo] = old.all_endpoints if old else frozenset()
+    new_eps: frozenset[EndpointInfo] = new.all_endpoints if new else frozenset()
+    new_ips = {e.ip for e in new_eps}
+    if old is not None:
+        for ep in old_eps:
+            if ep.ip not in new_ips:
+                for front, port in _frontends(old.info):
+                    out.append(StaleFlow(info.family, front, port, ep.ip))
+    if new is not None and new_eps and not old_eps:
+        # Packets sent while there was no endpoint created conntrack entries that go nowhere.
+        for front, port in _frontends(new.info):
+            out.append(StaleFlow(info.family, front, port, None))
