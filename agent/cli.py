@@ -1,2 +1,230 @@
-def main() -> int:
+"""Command line: flags + config file -> AgentConfig; builds the objects and runs them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import start_http_server
+
+from agent import log as logsetup
+from agent.backends.base import Backend, UnsupportedMode
+from agent.backends.registry import make_backend
+from agent.config import (
+    MODES,
+    AgentConfig,
+    ConfigError,
+    from_config_file,
+    parse_bind,
+    parse_cidrs,
+    parse_duration,
+    validate,
+)
+from agent.health import ProxyHealth, ServiceHealthServers, health_responder, serve
+from agent.kernel import conntrack
+from agent.metrics import Metrics
+from agent.model.state import ClusterModel
+from agent.sources.file import FileSource
+from agent.sync.loop import SyncLoop
+from agent.sync.runner import Runner, Schedule
+
+log = logging.getLogger("agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kube-proxy-agent",
+        description="Node agent replacing kube-proxy. `kube-proxy-agent render ...` prints what a mode "
+        "would program without touching the kernel.",
+    )
+    a = p.add_argument
+    a("--proxy-mode", choices=MODES, help="how Services are programmed (default iptables)")
+    a("--kubeconfig", help="kubeconfig file; in-cluster config when absent")
+    a("--hostname-override", help="this node's name (default: the hostname)")
+    a("--cluster-cidr", help="pod CIDRs, comma separated; traffic from outside is masqueraded")
+    a("--masquerade-all", action="store_true", default=None, help="SNAT all service traffic")
+    a("--nodeport-addresses", help="CIDRs whose local addresses take NodePorts (default: all)")
+    a("--metrics-bind-address", help="HOST:PORT for /metrics (default 127.0.0.1:10249)")
+    a("--healthz-bind-address", help="HOST:PORT for /healthz and /livez (default 0.0.0.0:10256)")
+    a("--sync-period", help="full resync interval (default 30s)")
+    a("--min-sync-period", help="minimum interval between syncs (default 1s)")
+    a("--config", help="KubeProxyConfiguration YAML; flags given explicitly win")
+    a("--source", help="read Services/EndpointSlices/Nodes from this YAML file or directory, not the API")
+    a("--once", action="store_true", help="sync once and exit (non-zero if the sync failed)")
+    a("--cleanup", action="store_true", help="remove every rule this mode created, then exit")
+    a("-v", "--v", dest="verbosity", type=int, default=None, help="log verbosity (4+ is debug)")
+    return p
+
+
+def build_config(ns: argparse.Namespace) -> AgentConfig:
+    values: dict[str, Any] = {}
+    if ns.config:
+        try:
+            doc = yaml.safe_load(Path(ns.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config {ns.config}: cannot read: {exc}") from exc
+        values.update(from_config_file(doc))
+    flag_map: dict[str, Any] = {
+        "proxy_mode": ns.proxy_mode,
+        "kubeconfig": ns.kubeconfig,
+        "hostname_override": ns.hostname_override,
+        "cluster_cidrs": parse_cidrs(ns.cluster_cidr, "--cluster-cidr") if ns.cluster_cidr else None,
+        "masquerade_all": ns.masquerade_all,
+        "nodeport_addresses": (parse_cidrs(ns.nodeport_addresses, "--nodeport-addresses")
+                               if ns.nodeport_addresses else None),
+        "metrics_bind_address": ns.metrics_bind_address,
+        "healthz_bind_address": ns.healthz_bind_address,
+        "sync_period": parse_duration(ns.sync_period, "--sync-period") if ns.sync_period else None,
+        "min_sync_period": (parse_duration(ns.min_sync_period, "--min-sync-period")
+                            if ns.min_sync_period else None),
+        "source": ns.source,
+        "once": ns.once or None,
+        "verbosity": ns.verbosity,
+    }
+    values.update({k: v for k, v in flag_map.items() if v is not None})
+    known = {f.name for f in fields(AgentConfig)}
+    cfg = AgentConfig(**{k: v for k, v in values.items() if k in known})
+    if not cfg.hostname_override:
+        cfg = replace(cfg, hostname_override=socket.gethostname().lower())
+    validate(cfg)
+    return cfg
+
+
+def _model(cfg: AgentConfig) -> ClusterModel:
+    return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, cfg.nodeport_addresses)
+
+
+def _loop(cfg: AgentConfig, backend: Backend, metrics: Metrics, health: ProxyHealth,
+          hc: ServiceHealthServers | None) -> SyncLoop:
+    from agent.kernel.addresses import local_ips
+
+    return SyncLoop(_model(cfg), backend, metrics, health, node_name=cfg.hostname_override,
+                    local_ips=local_ips if cfg.nodeport_addresses else None,
+                    flush_conntrack=conntrack.flush, hc_servers=hc)
+
+
+def cmd_render(cfg: AgentConfig, desired_table: bool) -> int:
+    if not cfg.source:
+        print("render needs --source PATH (a YAML file or directory of Services, EndpointSlices, Nodes)",
+              file=sys.stderr)
+        return 2
+    backend = make_backend(cfg.proxy_mode, (4, 6))
+    metrics = Metrics()
+    loop = _loop(cfg, backend, metrics, ProxyHealth(2 * cfg.sync_period), None)
+    src = FileSource(cfg.source, loop)
+    src.check()
+    src.load_once()
+    loop.model.drain()
+    if desired_table:
+        for fam in (4, 6):
+            sys.stdout.write(loop.model.desired[fam].table())
+    else:
+        sys.stdout.write(backend.render(loop.model.desired))
     return 0
+
+
+def run_daemon(cfg: AgentConfig) -> int:
+    backend = make_backend(cfg.proxy_mode)
+    backend.check_supported()
+    log.info("starting kube-proxy-agent mode=%s node=%s source=%s cluster_cidrs=%s", cfg.proxy_mode,
+             cfg.hostname_override, cfg.source or ("kubeconfig " + cfg.kubeconfig if cfg.kubeconfig
+                                                  else "in-cluster"), ",".join(cfg.cluster_cidrs) or "-")
+    metrics = Metrics()
+    health = ProxyHealth(timeout=2 * cfg.sync_period)
+    hc = None if cfg.once else ServiceHealthServers()
+    loop = _loop(cfg, backend, metrics, health, hc)
+    if not cfg.once:
+        host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
+        if port:
+            start_http_server(port, addr=host, registry=metrics.registry)
+        hhost, hport = parse_bind(cfg.healthz_bind_address, "--healthz-bind-address")
+        if hport:
+            def count(path: str, code: int) -> None:
+                (metrics.healthz if path == "/healthz" else metrics.livez).labels(str(code)).inc()
+            serve((hhost, hport), health_responder(health, count))
+
+    stop = threading.Event()
+    source: Any
+    if cfg.source:
+        source = FileSource(cfg.source, loop)
+        source.check()
+    else:
+        from agent.sources.kube import KubeSource, load_client_config
+
+        source = KubeSource(load_client_config(cfg.kubeconfig), loop, cfg.hostname_override)
+        source.on_error.append(lambda kind: metrics.api_errors.labels(kind).inc())
+
+    if cfg.once:
+        if cfg.source:
+            source.load_once()
+        else:
+            source.start()
+            if not loop.ready.wait(120):
+                print("--once: the API did not deliver a full list within 120s", file=sys.stderr)
+                return 1
+        ok = loop.sync(full=True)
+        if not ok:
+            print("sync failed; see the log line above for the reason", file=sys.stderr)
+        return 0 if ok else 1
+
+    runner = Runner(loop.sync, Schedule(cfg.min_sync_period, cfg.sync_period, retry_interval=cfg.min_sync_period
+                                        or 1.0))
+    loop.trigger = runner.run
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    source.start()
+    while not loop.ready.wait(0.2):
+        if stop.is_set():
+            return 0
+    runner.start()
+    stop.wait()
+    log.info("stopping; programmed rules stay in place (use --cleanup to remove them)")
+    source.stop()
+    runner.stop()
+    if hc is not None:
+        hc.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    render = bool(args) and args[0] == "render"
+    parser = _parser()
+    if render:
+        args = args[1:]
+        parser.prog += " render"
+        parser.add_argument("--desired", action="store_true", help="print the mode-independent desired state")
+    ns = parser.parse_args(args)
+    try:
+        cfg = build_config(ns)
+    except ConfigError as exc:
+        print(f"kube-proxy-agent: {exc}", file=sys.stderr)
+        return 2
+    logsetup.setup(cfg.verbosity)
+    try:
+        if render:
+            return cmd_render(cfg, ns.desired)
+        if ns.cleanup:
+            make_backend(cfg.proxy_mode).cleanup()
+            log.info("cleanup done mode=%s", cfg.proxy_mode)
+            return 0
+        return run_daemon(cfg)
+    except UnsupportedMode as exc:
+        print(f"kube-proxy-agent: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"kube-proxy-agent: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ split across the two; nft wins a tie (Debian's default).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -37,10 +38,8 @@ def detect_variant() -> tuple[Tools, str]:
             continue
         total = 0
         for fam in (4, 6):
-            try:
+            with contextlib.suppress(CommandError, OSError):
                 total += count_rules(run([tools.binary(fam, "save")], timeout=30))
-            except (CommandError, OSError):
-                pass
         counts[v] = total
     if not counts:
         return Tools(""), "no iptables-nft/iptables-legacy binaries; using plain iptables"

@@ -219,9 +219,10 @@ def _frontends(info: ServicePortInfo) -> list[tuple[str | None, int]]:
 
 def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:
     """UDP flows that a plan change leaves pointing nowhere useful (kube-proxy's conntrack cleanup)."""
-    info = (new or old).info if (new or old) is not None else None
-    if info is None or info.protocol != "UDP":
+    either = new or old
+    if either is None or either.info.protocol != "UDP":
         return
+    info = either.info
     old_eps: frozenset[EndpointInfo] = old.all_endpoints if old else frozenset()
     new_eps: frozenset[EndpointInfo] = new.all_endpoints if new else frozenset()
     new_ips = {e.ip for e in new_eps}

@@ -70,6 +70,10 @@ def _host(ip: str, family: int) -> str:
     return f"{ip}/32" if family == 4 else f"{ip}/128"
 
 
+def _mask(family: int) -> str:
+    return "255.255.255.255" if family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+
 def _comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
@@ -95,8 +99,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
         name = C.endpoint_chain(spn, proto, ep.address)
         sep_names[ep] = name
         rules = [f"-A {name} -s {_host(ep.ip, fam)} -j {C.MARK_MASQ}"]
-        recent = f"-m recent --name {name} --mask {'255.255.255.255' if fam == 4 else 'ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff'} --rsource"
-        aff = f" {recent} --set" if info.affinity_seconds else ""
+        aff = f" -m recent --name {name} --mask {_mask(fam)} --rsource --set" if info.affinity_seconds else ""
         rules.append(f"-A {name} -p {_proto(proto)} -m {_proto(proto)}{aff} -j DNAT --to-destination {ep.address}")
         nat.append((name, tuple(rules)))
 
@@ -107,7 +110,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
         else:
             rules += [f"-A {chain} ! -s {cidr} -d {cip} {match} -j {C.MARK_MASQ}" for cidr in node.cluster_cidrs]
         if info.affinity_seconds:
-            mask = "255.255.255.255" if fam == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+            mask = _mask(fam)
             for ep in eps:
                 sep = sep_names[ep]
                 rules.append(

@@ -1,0 +1,114 @@
+"""AgentConfig: kube-proxy's flag names and defaults, from flags and a KubeProxyConfiguration file."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("iptables", "nftables", "ipvs", "ebpf")
+
+
+class ConfigError(ValueError):
+    """A flag or config file value is wrong; the message names it and what is expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    proxy_mode: str = "iptables"
+    kubeconfig: str | None = None
+    hostname_override: str = ""
+    cluster_cidrs: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    nodeport_addresses: tuple[str, ...] = ()
+    metrics_bind_address: str = "127.0.0.1:10249"
+    healthz_bind_address: str = "0.0.0.0:10256"
+    sync_period: float = 30.0
+    min_sync_period: float = 1.0
+    source: str | None = None
+    once: bool = False
+    verbosity: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(text: str | int | float, what: str) -> float:
+    """Go-style durations as kube-proxy takes them: 30s, 1m0s, 500ms, 1h."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip()
+    if s == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ConfigError(f"{what}: {text!r} is not a duration; use e.g. 30s, 1m, 500ms")
+    return total
+
+
+def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
+    items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
+    out = []
+    for item in items:
+        if item.strip() == "primary":
+            continue  # kube-proxy's "primary node IPs" default: treated as every local address
+        try:
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {item!r} is not a CIDR (e.g. 10.244.0.0/16)") from exc
+    return tuple(out)
+
+
+def parse_bind(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {text!r} is not HOST:PORT (e.g. 0.0.0.0:10256)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def from_config_file(doc: dict[str, Any]) -> dict[str, Any]:
+    """The KubeProxyConfiguration subset we read, as AgentConfig field values."""
+    if doc.get("kind", "KubeProxyConfiguration") != "KubeProxyConfiguration":
+        raise ConfigError(f"--config: kind is {doc.get('kind')!r}, expected KubeProxyConfiguration")
+    out: dict[str, Any] = {}
+    if doc.get("mode"):
+        out["proxy_mode"] = doc["mode"]
+    if doc.get("clusterCIDR"):
+        out["cluster_cidrs"] = parse_cidrs(doc["clusterCIDR"], "clusterCIDR")
+    if doc.get("hostnameOverride"):
+        out["hostname_override"] = doc["hostnameOverride"]
+    if doc.get("metricsBindAddress"):
+        out["metrics_bind_address"] = doc["metricsBindAddress"]
+    if doc.get("healthzBindAddress"):
+        out["healthz_bind_address"] = doc["healthzBindAddress"]
+    if doc.get("nodePortAddresses"):
+        out["nodeport_addresses"] = parse_cidrs(doc["nodePortAddresses"], "nodePortAddresses")
+    ipt = doc.get("iptables") or {}
+    if "masqueradeAll" in ipt:
+        out["masquerade_all"] = bool(ipt["masqueradeAll"])
+    for key, name in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
+        value = doc.get(key) or ipt.get(key) or (doc.get("nftables") or {}).get(key)
+        if value:
+            out[name] = parse_duration(value, key)
+    cc = doc.get("clientConnection") or {}
+    if cc.get("kubeconfig"):
+        out["kubeconfig"] = cc["kubeconfig"]
+    return out
+
+
+def validate(cfg: AgentConfig) -> None:
+    if cfg.proxy_mode not in MODES:
+        raise ConfigError(f"--proxy-mode {cfg.proxy_mode!r} is not one of {', '.join(MODES)}")
+    parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
+    parse_bind(cfg.healthz_bind_address, "--healthz-bind-address")
+    if cfg.sync_period <= 0:
+        raise ConfigError("--sync-period must be positive (e.g. 30s)")
+    if cfg.min_sync_period < 0 or cfg.min_sync_period > cfg.sync_period:
+        raise ConfigError("--min-sync-period must be between 0 and --sync-period")

@@ -1,0 +1,153 @@
+"""kube-proxy's health semantics: /healthz and /livez, and healthCheckNodePort servers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger("agent.health")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if ts else ""
+
+
+class ProxyHealth:
+    """Healthy unless a queued update has waited longer than `timeout` without a successful sync."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.last_updated = 0.0
+        self._oldest_pending = 0.0
+        self.node_deleting = False
+
+    def queued(self) -> None:
+        with self._lock:
+            if not self._oldest_pending:
+                self._oldest_pending = self._clock()
+
+    def updated(self) -> None:
+        with self._lock:
+            self.last_updated = self._clock()
+            self._oldest_pending = 0.0
+
+    def status(self, *, check_node: bool) -> tuple[bool, dict[str, object]]:
+        with self._lock:
+            now = self._clock()
+            healthy = not self._oldest_pending or now - self._oldest_pending <= self.timeout
+            body: dict[str, object] = {"lastUpdated": _iso(self.last_updated), "currentTime": _iso(now)}
+            if check_node:
+                body["nodeEligible"] = not self.node_deleting
+                healthy = healthy and not self.node_deleting
+            return healthy, body
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        code, body, headers = self.server.respond(self.path)
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+Responder = Callable[[str], tuple[int, str, Mapping[str, str]]]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], respond: Responder) -> None:
+        self.respond = respond
+        super().__init__(addr, _Handler)
+
+
+def serve(addr: tuple[str, int], respond: Responder) -> _Server:
+    srv = _Server(addr, respond)
+    threading.Thread(target=srv.serve_forever, name=f"http-{addr[1]}", daemon=True).start()
+    return srv
+
+
+def health_responder(health: ProxyHealth, on_code: Callable[[str, int], None]) -> Responder:
+    def respond(path: str) -> tuple[int, str, Mapping[str, str]]:
+        p = path.split("?", 1)[0]
+        if p not in ("/healthz", "/livez"):
+            return 404, json.dumps({"error": "not found; try /healthz or /livez"}), {}
+        ok, body = health.status(check_node=p == "/healthz")
+        code = 200 if ok else 503
+        on_code(p, code)
+        return code, json.dumps(body), {}
+
+    return respond
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckService:
+    namespace: str
+    name: str
+    port: int
+    local_endpoints: int
+
+
+class ServiceHealthServers:
+    """One HTTP server per healthCheckNodePort: 200 with the local endpoint count, 503 when none."""
+
+    def __init__(self, bind_ip: str = "0.0.0.0") -> None:
+        self._bind_ip = bind_ip
+        self._servers: dict[int, _Server] = {}
+        self._state: dict[int, HealthCheckService] = {}
+        self._lock = threading.Lock()
+
+    def update(self, services: Mapping[int, HealthCheckService]) -> None:
+        with self._lock:
+            self._state = dict(services)
+            for port in set(self._servers) - set(services):
+                srv = self._servers.pop(port)
+                srv.shutdown()
+                srv.server_close()
+                log.info("health check server stopped port=%d", port)
+            for port in set(services) - set(self._servers):
+                try:
+                    self._servers[port] = serve((self._bind_ip, port), self._responder(port))
+                    log.info("health check server started port=%d service=%s/%s", port,
+                             services[port].namespace, services[port].name)
+                except OSError as exc:
+                    log.error("health check server could not listen port=%d error=%r; "
+                              "is another process using this healthCheckNodePort?", port, str(exc))
+
+    def _responder(self, port: int) -> Responder:
+        def respond(path: str) -> tuple[int, str, Mapping[str, str]]:
+            with self._lock:
+                svc = self._state.get(port)
+            if svc is None:
+                return 503, "{}", {}
+            body = {
+                "service": {"namespace": svc.namespace, "name": svc.name},
+                "localEndpoints": svc.local_endpoints,
+                "serviceProxyHealthy": True,
+            }
+            code = 200 if svc.local_endpoints > 0 else 503
+            return code, json.dumps(body), {"X-Load-Balancing-Endpoint-Weight": str(svc.local_endpoints)}
+
+        return respond
+
+    def close(self) -> None:
+        self.update({})

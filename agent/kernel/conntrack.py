@@ -1,0 +1,33 @@
+"""Deleting stale UDP conntrack entries so clients of a removed endpoint move on."""
+
+from __future__ import annotations
+
+import logging
+
+from agent.kernel.commands import CommandError, have, run
+from agent.model.state import StaleFlow
+
+log = logging.getLogger("agent.conntrack")
+
+
+def argv_for(flow: StaleFlow) -> list[str]:
+    argv = ["conntrack", "-D", "-f", "ipv4" if flow.family == 4 else "ipv6", "-p", "udp"]
+    if flow.frontend is not None:
+        argv += ["--orig-dst", flow.frontend]
+    argv += ["--orig-port-dst", str(flow.port)]
+    if flow.endpoint_ip is not None:
+        argv += ["--dst-nat", flow.endpoint_ip]
+    return argv
+
+
+def flush(flows: list[StaleFlow]) -> None:
+    if not have("conntrack"):
+        log.warning("conntrack tool missing; stale UDP flows not cleared (apt-get install conntrack)")
+        return
+    for flow in dict.fromkeys(flows):
+        try:
+            run(argv_for(flow), timeout=30)
+            log.info("conntrack entries deleted %s", " ".join(argv_for(flow)[2:]))
+        except CommandError as exc:
+            if "0 flow entries" not in exc.stderr:
+                log.warning("conntrack delete failed argv=%r error=%r", argv_for(flow), exc.stderr)

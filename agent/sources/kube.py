@@ -1,0 +1,225 @@
+"""List and watch Services, EndpointSlices and this Node from the Kubernetes API.
+
+The official client supplies config, auth and TLS; list and watch bodies are decoded straight into
+the lean records with msgspec (one object at a time, so one bad object is skipped, not the list).
+An API outage keeps the programmed rules (nothing is deleted until a new list says so) and retries
+with backoff; a watch that expires (410 Gone) relists without flushing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import msgspec
+import urllib3
+from kubernetes import client, config
+
+from agent.model.records import DecodeError, Record, from_json
+from agent.model.serviceport import NamespacedName, Problem
+from agent.sources.base import Sink, key_of
+
+log = logging.getLogger("agent.source.kube")
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    kind: str
+    path: str  # collection path
+    field_selector: str = ""
+
+
+class _ListMeta(msgspec.Struct, rename="camel"):
+    resource_version: str = ""
+    continue_: str = msgspec.field(default="", name="continue")
+
+
+class _List(msgspec.Struct):
+    metadata: _ListMeta = _ListMeta()
+    items: list[msgspec.Raw] = []
+
+
+class _Status(msgspec.Struct):
+    code: int = 0
+    reason: str = ""
+    message: str = ""
+
+
+class _Event(msgspec.Struct):
+    type: str = ""
+    object: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class _BookmarkMeta(msgspec.Struct, rename="camel"):
+    resource_version: str = ""
+
+
+class _Bookmark(msgspec.Struct):
+    metadata: _BookmarkMeta = _BookmarkMeta()
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): relist."""
+
+
+class ApiError(Exception):
+    pass
+
+
+def load_client_config(kubeconfig: str | None) -> client.Configuration:
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+    else:
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    return cfg
+
+
+class KubeSource:
+    PAGE = 500
+    WATCH_SECONDS = 300
+
+    def __init__(self, cfg: client.Configuration, sink: Sink, node_name: str) -> None:
+        self.cfg = cfg
+        self.sink = sink
+        self.resources = [
+            Resource("Service", "/api/v1/services"),
+            Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
+            Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}"),
+        ]
+        self._pool = client.ApiClient(cfg).rest_client.pool_manager
+        self._stop = threading.Event()
+        self._responses: set[Any] = set()
+        self._lock = threading.Lock()
+        self.on_error: list[Any] = []  # callbacks(resource kind) for metrics
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "kube-proxy-agent"}
+        if self.cfg.refresh_api_key_hook is not None:
+            self.cfg.refresh_api_key_hook(self.cfg)
+        token = self.cfg.get_api_key_with_prefix("authorization") or self.cfg.get_api_key_with_prefix(
+            "BearerToken")
+        if token:
+            headers["Authorization"] = token
+        return headers
+
+    def _get(self, path: str, query: dict[str, str], stream: bool, read_timeout: float) -> Any:
+        url = f"{self.cfg.host}{path}?{urlencode(query)}"
+        resp = self._pool.request(
+            "GET", url, headers=self._headers(), preload_content=not stream,
+            timeout=urllib3.Timeout(connect=10, read=read_timeout),
+        )
+        if resp.status == 410:
+            raise Gone()
+        if resp.status != 200:
+            body = resp.data if not stream else resp.read(2048)
+            msg = body.decode(errors="replace")[:300]
+            hint = " (check the ClusterRole in manifests/ grants list/watch)" if resp.status == 403 else ""
+            raise ApiError(f"GET {path} returned HTTP {resp.status}: {msg}{hint}")
+        return resp
+
+    def _decode(self, kind: str, raw: bytes) -> Record | None:
+        try:
+            return from_json(kind, raw)
+        except DecodeError as exc:
+            self.sink.bad_object(Problem(kind, "?", "decode_error", str(exc)))
+            return None
+
+    def list(self, res: Resource) -> tuple[dict[NamespacedName, Record], str]:
+        records: dict[NamespacedName, Record] = {}
+        cont = ""
+        while True:
+            q = {"limit": str(self.PAGE)}
+            if cont:
+                q["continue"] = cont
+            if res.field_selector:
+                q["fieldSelector"] = res.field_selector
+            resp = self._get(res.path, q, stream=False, read_timeout=60)
+            page = msgspec.json.decode(resp.data, type=_List)
+            for raw in page.items:
+                rec = self._decode(res.kind, bytes(raw))
+                if rec is not None:
+                    records[key_of(rec)] = rec
+            cont = page.metadata.continue_
+            if not cont:
+                return records, page.metadata.resource_version
+
+    def _events(self, res: Resource, rv: str) -> Iterator[tuple[str, bytes]]:
+        q = {"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
+             "timeoutSeconds": str(self.WATCH_SECONDS)}
+        if res.field_selector:
+            q["fieldSelector"] = res.field_selector
+        resp = self._get(res.path, q, stream=True, read_timeout=self.WATCH_SECONDS + 30)
+        with self._lock:
+            self._responses.add(resp)
+        try:
+            buf = b""
+            for chunk in resp.stream(65536, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        ev = msgspec.json.decode(line, type=_Event)
+                        yield ev.type, bytes(ev.object)
+        finally:
+            with self._lock:
+                self._responses.discard(resp)
+            resp.release_conn()
+
+    def watch_forever(self, res: Resource) -> None:
+        backoff = 0.5
+        rv = ""
+        while not self._stop.is_set():
+            try:
+                if not rv:
+                    records, rv = self.list(res)
+                    self.sink.replace_all(res.kind, records)
+                for typ, raw in self._events(res, rv):
+                    if typ == "ERROR":
+                        status = msgspec.json.decode(raw, type=_Status)
+                        if status.code == 410:
+                            raise Gone()
+                        raise ApiError(f"watch {res.path} error {status.code}: {status.message}")
+                    if typ == "BOOKMARK":
+                        rv = msgspec.json.decode(raw, type=_Bookmark).metadata.resource_version or rv
+                        continue
+                    rec = self._decode(res.kind, raw)
+                    if rec is None:
+                        continue
+                    rv = rec.metadata.resource_version or rv
+                    self.sink.apply(res.kind, key_of(rec), None if typ == "DELETED" else rec)
+                backoff = 0.5  # a watch that ended normally (timeout): resume from rv
+            except Gone:
+                log.info("watch expired (410 Gone); relisting without flushing rules kind=%s", res.kind)
+                rv = ""
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                for cb in self.on_error:
+                    cb(res.kind)
+                delay = backoff * (1 + random.random() * 0.2)
+                log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs",
+                            res.kind, str(exc)[:500], delay)
+                self._stop.wait(delay)
+                backoff = min(backoff * 2, 30.0)
+                if isinstance(exc, (ApiError, msgspec.DecodeError)):
+                    rv = ""
+
+    def start(self) -> None:
+        for res in self.resources:
+            threading.Thread(target=self.watch_forever, args=(res,), name=f"watch-{res.kind}",
+                             daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for resp in list(self._responses):
+                with contextlib.suppress(Exception):  # best effort during shutdown
+                    resp.shutdown() if hasattr(resp, "shutdown") else resp.close()
+

@@ -1,0 +1,200 @@
+"""The sync loop: records in from sources, drain the model, hand desired state to the backend,
+account for it in metrics and health. Sources call the `on_*` methods from their threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+
+from agent.backends.base import Backend, SyncError
+from agent.health import HealthCheckService, ProxyHealth, ServiceHealthServers
+from agent.metrics import Metrics
+from agent.model.records import EndpointSlice, Node, Record, Service
+from agent.model.serviceport import NamespacedName, Problem
+from agent.model.state import ClusterModel, StaleFlow, Update
+
+log = logging.getLogger("agent.sync")
+
+KINDS = ("Service", "EndpointSlice", "Node")
+
+
+class SyncLoop:
+    """Owns the model; the only place that calls the backend."""
+
+    def __init__(
+        self,
+        model: ClusterModel,
+        backend: Backend,
+        metrics: Metrics,
+        health: ProxyHealth,
+        *,
+        node_name: str,
+        local_ips: Callable[[], Iterable[str]] | None = None,
+        flush_conntrack: Callable[[list[StaleFlow]], None] | None = None,
+        hc_servers: ServiceHealthServers | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.metrics = metrics
+        self.health = health
+        self.node_name = node_name
+        self._local_ips = local_ips
+        self._flush_conntrack = flush_conntrack
+        self._hc = hc_servers
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._synced: set[str] = set()
+        self._known: dict[str, set[NamespacedName]] = {k: set() for k in KINDS}
+        self._need_full = True
+        self.ready = threading.Event()  # every initial list is in
+        self.trigger: Callable[[], None] = lambda: None
+        self.syncs = 0
+        self.failures = 0
+
+    # -- inputs (source threads) ------------------------------------------------------------
+
+    def _record_problems(self, problems: Iterable[Problem]) -> None:
+        for p in problems:
+            log.warning("invalid object skipped kind=%s object=%s reason=%s detail=%r",
+                        p.kind, p.object, p.reason, p.detail)
+            self.metrics.invalid_objects.labels(p.kind, p.reason).inc()
+
+    def bad_object(self, problem: Problem) -> None:
+        self._record_problems([problem])
+
+    def _apply_locked(self, kind: str, key: NamespacedName, rec: Record | None) -> None:
+        if kind == "Service":
+            assert rec is None or isinstance(rec, Service)
+            self._record_problems(self.model.on_service(key, rec))
+        elif kind == "EndpointSlice":
+            assert rec is None or isinstance(rec, EndpointSlice)
+            self._record_problems(self.model.on_slice(key, rec))
+        elif kind == "Node":
+            if key.name != self.node_name:
+                return
+            assert rec is None or isinstance(rec, Node)
+            self.model.on_node(rec)
+            self.health.node_deleting = self.model.node_deleting
+        if rec is None:
+            self._known[kind].discard(key)
+        else:
+            self._known[kind].add(key)
+
+    def apply(self, kind: str, key: NamespacedName, rec: Record | None) -> None:
+        with self._lock:
+            self._apply_locked(kind, key, rec)
+        self._queued()
+
+    def replace_all(self, kind: str, records: Mapping[NamespacedName, Record]) -> None:
+        """A full list (initial or after 410 Gone): objects not in it are deleted, nothing flushed."""
+        with self._lock:
+            for key in self._known[kind] - set(records):
+                self._apply_locked(kind, key, None)
+            for key, rec in records.items():
+                self._apply_locked(kind, key, rec)
+            first = kind not in self._synced
+            self._synced.add(kind)
+            if first:
+                log.info("initial list complete kind=%s objects=%d", kind, len(records))
+            if self._synced >= set(KINDS):
+                self.ready.set()
+        self._queued()
+
+    def _queued(self) -> None:
+        svc, eps = self.model.pending
+        self.metrics.service_changes_pending.set(svc)
+        self.metrics.endpoint_changes_pending.set(eps)
+        if self.ready.is_set():
+            self.metrics.last_queued.set(self._wall())
+            self.health.queued()
+            self.trigger()
+
+    # -- the sync -------------------------------------------------------------------------
+
+    def sync(self, full: bool = False) -> bool:
+        """One sync; returns success. Never raises for kernel errors (they are counted and logged)."""
+        if not self.ready.is_set():
+            log.info("sync skipped: waiting for the first full list of %s", sorted(set(KINDS) - self._synced))
+            return False
+        start = time.monotonic()
+        with self._lock:
+            if self._local_ips is not None:
+                self.model.set_local_ips(self._local_ips())
+            update = self.model.drain()
+            self.metrics.service_changes_pending.set(0)
+            self.metrics.endpoint_changes_pending.set(0)
+        self.metrics.service_changes.inc(update.services_changed)
+        self.metrics.endpoint_changes.inc(update.endpoints_changed)
+        self._record_problems(update.problems)
+        full = full or update.full or self._need_full
+        changed_count = sum(len(c) for c in update.changed.values())
+        try:
+            result = self.backend.sync(self.model.desired, update.changed, full=full)
+        except SyncError as exc:
+            self._need_full = True
+            self.failures += 1
+            if exc.kind == "restore":
+                self.metrics.restore_failures.inc()
+                if exc.partial:
+                    self.metrics.partial_restore_failures.inc()
+            else:
+                self.metrics.nft_transaction_failures.inc()
+            log.error("sync failed mode=%s full=%s error=%r; previous rules stay, next sync is full",
+                      self.backend.name, full, str(exc))
+            return False
+        elapsed = time.monotonic() - start
+        self._need_full = False
+        self.syncs += 1
+        self.metrics.sync_duration.observe(elapsed)
+        (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
+        self.metrics.last_sync.set(self._wall())
+        self.health.updated()
+        self._account(result.written, result.totals)
+        self._after_sync(update)
+        log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s", self.backend.name, full,
+                 changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())))
+        return True
+
+    def _account(self, written: Mapping[str, int], totals: Mapping[str, int]) -> None:
+        if self.backend.name == "iptables":
+            for table, n in written.items():
+                self.metrics.iptables_last.labels(table).set(n)
+            for table, n in totals.items():
+                self.metrics.iptables_total.labels(table).set(n)
+        elif self.backend.name == "nftables":
+            for name, n in totals.items():
+                self.metrics.nft_elements.labels(name).set(n)
+
+    def _after_sync(self, update: Update) -> None:
+        now = self._wall()
+        for t in update.trigger_times:
+            try:
+                ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            if ts <= now:
+                self.metrics.network_programming.observe(now - ts)
+        if update.stale_flows and self._flush_conntrack is not None:
+            self._flush_conntrack(update.stale_flows)
+        no_local = {"internal": 0, "external": 0}
+        hc: dict[int, HealthCheckService] = {}
+        for state in self.model.desired.values():
+            for plan in state.services.values():
+                i = plan.info
+                if i.internal_policy_local and not plan.local:
+                    no_local["internal"] += 1
+                if i.external_policy_local and not plan.local:
+                    no_local["external"] += 1
+                if i.health_check_node_port:
+                    prev = hc.get(i.health_check_node_port)
+                    count = len(plan.local) if prev is None else max(prev.local_endpoints, len(plan.local))
+                    hc[i.health_check_node_port] = HealthCheckService(
+                        i.name.namespace, i.name.name, i.health_check_node_port, count)
+        for policy, n in no_local.items():
+            self.metrics.no_local_endpoints.labels(policy).set(n)
+        if self._hc is not None:
+            self._hc.update(hc)
