@@ -1,0 +1,259 @@
+"""A tiny network lab for tests: namespaces, veths, a bridge, echo servers and clients.
+
+Sockets are opened *inside* a namespace from this process (a short-lived thread joins the
+namespace with setns, makes the socket, and the socket stays there), so servers and probes need no
+extra processes. Everything created is recorded and removed by `Lab.close()`.
+Only addresses created here are ever used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+SCTP = getattr(socket, "IPPROTO_SCTP", 132)
+
+
+def sh(*argv: str, check: bool = True, input: str | None = None) -> str:  # noqa: A002
+    proc = subprocess.run(list(argv), capture_output=True, text=True, input=input, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def socket_in(ns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+    """A socket living in namespace `ns` (None: this process's own namespace)."""
+    if ns is None:
+        return socket.socket(family, type_, proto)
+    box: dict[str, object] = {}
+
+    def make() -> None:
+        try:
+            _setns(f"/run/netns/{ns}")
+            box["sock"] = socket.socket(family, type_, proto)
+        except BaseException as exc:  # handed to the caller
+            box["err"] = exc
+
+    t = threading.Thread(target=make)  # the thread dies in the namespace; ours never moves
+    t.start()
+    t.join()
+    if "err" in box:
+        raise box["err"]  # type: ignore[misc]
+    sock = box["sock"]
+    assert isinstance(sock, socket.socket)
+    return sock
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+PROTOS = {"tcp": (socket.SOCK_STREAM, 0), "udp": (socket.SOCK_DGRAM, 0), "sctp": (socket.SOCK_STREAM, SCTP)}
+
+
+def sctp_available() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, SCTP).close()
+        return True
+    except OSError:
+        return False
+
+
+def probe(ns: str | None, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
+          src_port: int = 0, sock: socket.socket | None = None) -> str:
+    """Connect, send a line, return the reply ("<server name> <client ip as seen>") or one of
+    REFUSED, TIMEOUT, RESET, UNREACHABLE."""
+    typ, pr = PROTOS[proto]
+    fam = family_of(ip)
+    own = sock is None
+    s = sock or socket_in(ns, fam, typ, pr)
+    try:
+        s.settimeout(timeout)
+        if own and src_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", src_port))
+        if proto == "udp":
+            s.sendto(b"hi\n", (ip, port))
+            data, _ = s.recvfrom(512)
+        else:
+            s.connect((ip, port))
+            s.sendall(b"hi\n")
+            data = s.recv(512)
+        return data.decode().strip() or "EMPTY"
+    except ConnectionRefusedError:
+        return "REFUSED"
+    except ConnectionResetError:
+        return "RESET"
+    except (TimeoutError, socket.timeout):
+        return "TIMEOUT"
+    except OSError as exc:
+        if exc.errno in (113, 101):  # EHOSTUNREACH, ENETUNREACH
+            return "UNREACHABLE"
+        raise
+    finally:
+        if own:
+            s.close()
+
+
+class EchoServer:
+    """Answers every TCP/SCTP connection and UDP datagram with '<name> <peer ip>'."""
+
+    def __init__(self, ns: str, name: str, ports: Sequence[tuple[str, int]], families: Sequence[int]) -> None:
+        self.name = name
+        self._socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        for proto, port in ports:
+            if proto == "sctp" and not sctp_available():
+                continue
+            typ, pr = PROTOS[proto]
+            for fam in families:
+                s = socket_in(ns, fam, typ, pr)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if fam == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
+                if typ == socket.SOCK_STREAM:
+                    s.listen(64)
+                s.settimeout(0.2)
+                self._socks.append(s)
+                threading.Thread(target=self._serve, args=(s, proto), daemon=True).start()
+
+    def _serve(self, s: socket.socket, proto: str) -> None:
+        while not self._stop.is_set():
+            try:
+                if proto == "udp":
+                    _, peer = s.recvfrom(512)
+                    s.sendto(f"{self.name} {peer[0]}\n".encode(), peer)
+                else:
+                    conn, peer = s.accept()
+                    with conn:
+                        conn.settimeout(1)
+                        with contextlib.suppress(OSError):
+                            conn.recv(512)
+                            conn.sendall(f"{self.name} {peer[0]}\n".encode())
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        for s in self._socks:
+            s.close()
+
+
+@dataclass
+class Lab:
+    """Creates namespaces and links with unique names; close() removes all of them."""
+
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    namespaces: list[str] = field(default_factory=list)
+    servers: list[EchoServer] = field(default_factory=list)
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    _links: int = 0
+
+    def ns(self, role: str) -> str:
+        name = f"kpa-{self.tag}-{role}"
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        self.exec(name, "ip", "link", "set", "lo", "up")
+        return name
+
+    def exec(self, ns: str, *argv: str, check: bool = True) -> str:
+        return sh("ip", "netns", "exec", ns, *argv, check=check)
+
+    def link_name(self, prefix: str) -> str:
+        self._links += 1
+        return f"{prefix}{self.tag[:4]}{self._links}"
+
+    def veth(self, a_ns: str, b_ns: str, a_if: str | None = None, b_if: str | None = None) -> tuple[str, str]:
+        a = a_if or self.link_name("va")
+        b = b_if or self.link_name("vb")
+        sh("ip", "link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns)
+        self.exec(a_ns, "ip", "link", "set", a, "up")
+        self.exec(b_ns, "ip", "link", "set", b, "up")
+        return a, b
+
+    def addr(self, ns: str, dev: str, *cidrs: str) -> None:
+        for c in cidrs:
+            args = ["ip", "addr", "add", c, "dev", dev] + (["nodad"] if ":" in c else [])
+            self.exec(ns, *args)
+
+    def route(self, ns: str, *spec: str) -> None:
+        self.exec(ns, "ip", "-6" if any(":" in s for s in spec) else "-4", "route", "add", *spec)
+
+    def sysctl(self, ns: str, *settings: str) -> None:
+        for s in settings:
+            self.exec(ns, "sysctl", "-qw", s)
+
+    def serve(self, ns: str, name: str, ports: Sequence[tuple[str, int]], v6: bool = True) -> EchoServer:
+        fams = [socket.AF_INET] + ([socket.AF_INET6] if v6 else [])
+        srv = EchoServer(ns, name, ports, fams)
+        self.servers.append(srv)
+        return srv
+
+    def spawn(self, ns: str, argv: Sequence[str], log_path: str) -> subprocess.Popen[str]:
+        out = open(log_path, "a")  # noqa: SIM115 (owned by the process)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "pids", ns, check=False)
+            for pid in sh("ip", "netns", "pids", ns, check=False).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+
+
+def wait_for(predicate: object, timeout: float = 15.0, interval: float = 0.1) -> bool:
+    assert callable(predicate)
+    end = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def lab() -> Iterator[Lab]:
+    lb = Lab()
+    try:
+        yield lb
+    finally:
+        lb.close()
