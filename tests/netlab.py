@@ -80,7 +80,7 @@ def sctp_available() -> bool:
 
 
 def probe(ns: str | None, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0,
-          src_port: int = 0, sock: socket.socket | None = None) -> str:
+          src_port: int = 0, sock: socket.socket | None = None, src_ip: str = "") -> str:
     """Connect, send a line, return the reply ("<server name> <client ip as seen>") or one of
     REFUSED, TIMEOUT, RESET, UNREACHABLE."""
     typ, pr = PROTOS[proto]
@@ -89,16 +89,12 @@ def probe(ns: str | None, ip: str, port: int, proto: str = "tcp", timeout: float
     s = sock or socket_in(ns, fam, typ, pr)
     try:
         s.settimeout(timeout)
-        if own and src_port:
+        if own and (src_port or src_ip):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", src_port))
-        if proto == "udp":
-            s.sendto(b"hi\n", (ip, port))
-            data, _ = s.recvfrom(512)
-        else:
-            s.connect((ip, port))
-            s.sendall(b"hi\n")
-            data = s.recv(512)
+            s.bind((src_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), src_port))
+        s.connect((ip, port))  # a connected UDP socket is told about ICMP port unreachable
+        s.sendall(b"hi\n")
+        data = s.recv(512)
         return data.decode().strip() or "EMPTY"
     except ConnectionRefusedError:
         return "REFUSED"

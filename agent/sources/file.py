@@ -72,7 +72,7 @@ def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 class FileSource:
-    def __init__(self, path: str, sink: Sink, poll_seconds: float = 1.0) -> None:
+    def __init__(self, path: str, sink: Sink, poll_seconds: float = 0.5) -> None:
         self.path = Path(path)
         self.sink = sink
         self.poll = poll_seconds

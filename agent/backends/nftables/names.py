@@ -1,0 +1,104 @@
+"""Names of everything the nftables mode owns: one table per family, fixed maps and chains, and
+per-service-port chains and sets named from a hash of the ServicePortName (like iptables/chains.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+TABLE = "kube-proxy-agent"
+PROBE_TABLE = "kube-proxy-agent-probe"
+MASQ_MARK = "0x4000"
+
+# Verdict maps (and the one plain set), in the order they are declared.
+SERVICE_IPS = "service-ips"  # daddr . proto . port -> cluster IP, external IP and load-balancer IP chains
+SERVICE_NODEPORTS = "service-nodeports"  # proto . port -> external chain
+NO_ENDPOINT_SERVICES = "no-endpoint-services"  # cluster IPs with nothing to DNAT to -> reject / drop
+NO_ENDPOINT_EXTERNAL = "no-endpoint-external"  # external and load-balancer IPs likewise
+NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # node ports likewise
+FIREWALL_IPS = "firewall-ips"  # load-balancer IP . proto . port -> loadBalancerSourceRanges chain
+NODEPORT_IPS = "nodeport-ips"  # set of addresses taking node ports, only with --nodeport-addresses
+
+# map name -> True when keyed by address . proto . port, False when by proto . port
+MAPS: tuple[tuple[str, bool], ...] = (
+    (SERVICE_IPS, True),
+    (SERVICE_NODEPORTS, False),
+    (NO_ENDPOINT_SERVICES, True),
+    (NO_ENDPOINT_EXTERNAL, True),
+    (NO_ENDPOINT_NODEPORTS, False),
+    (FIREWALL_IPS, True),
+)
+
+# Regular chains shared by all services.
+SERVICES = "services"
+MARK_MASQ = "mark-for-masquerade"
+MASQUERADING = "masquerading"
+REJECT = "reject-chain"
+
+# Base chains: name -> (type, hook, priority). Priorities are numeric because nft 1.0 only accepts
+# the names (dstnat, srcnat, filter) on some hooks.
+#  - nat at dstnat (-100) / srcnat (100), as kube-proxy;
+#  - the loadBalancerSourceRanges firewall at -110 so it sees the destination before DNAT
+#    (iptables mode uses mangle, at -150);
+#  - the no-endpoint checks and the forward accept at filter priority (0), after DNAT, where the
+#    iptables filter table sits.
+NAT_PREROUTING = "nat-prerouting"
+NAT_OUTPUT = "nat-output"
+NAT_POSTROUTING = "nat-postrouting"
+FIREWALL_PREROUTING = "firewall-prerouting"
+FIREWALL_OUTPUT = "firewall-output"
+FILTER_INPUT = "filter-input"
+FILTER_FORWARD = "filter-forward"
+FILTER_OUTPUT = "filter-output"
+BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
+    (NAT_PREROUTING, "nat", "prerouting", -100),
+    (NAT_OUTPUT, "nat", "output", -100),
+    (NAT_POSTROUTING, "nat", "postrouting", 100),
+    (FIREWALL_PREROUTING, "filter", "prerouting", -110),
+    (FIREWALL_OUTPUT, "filter", "output", -110),
+    (FILTER_INPUT, "filter", "input", 0),
+    (FILTER_FORWARD, "filter", "forward", 0),
+    (FILTER_OUTPUT, "filter", "output", 0),
+)
+FIXED_CHAINS: frozenset[str] = frozenset(
+    {SERVICES, MARK_MASQ, MASQUERADING, REJECT} | {c[0] for c in BASE_CHAINS}
+)
+FIXED_SETS: frozenset[str] = frozenset({m for m, _ in MAPS} | {NODEPORT_IPS})
+
+
+def family_keyword(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def table_ref(family: int) -> str:
+    """`ip kube-proxy-agent` or `ip6 kube-proxy-agent`."""
+    return f"{family_keyword(family)} {TABLE}"
+
+
+def _hash(*parts: str) -> str:
+    digest = hashlib.sha256("".join(parts).encode()).digest()
+    return base64.b32encode(digest)[:16].decode().lower()
+
+
+def service_hash(spn: str, protocol: str) -> str:
+    return _hash(spn, protocol)
+
+
+def endpoint_hash(spn: str, protocol: str, endpoint: str) -> str:
+    return _hash(spn, protocol, endpoint)
+
+
+def service_chain(kind: str, spn: str, protocol: str) -> str:
+    """svc- (cluster endpoints), svl- (local endpoints), ext- (external traffic) or fw- (source
+    ranges) chain of one service port."""
+    return f"{kind}-{service_hash(spn, protocol)}"
+
+
+def endpoint_chain(spn: str, protocol: str, endpoint: str) -> str:
+    return f"sep-{endpoint_hash(spn, protocol, endpoint)}"
+
+
+def affinity_set(spn: str, protocol: str, endpoint: str, seconds: int) -> str:
+    """The timeout is part of the name, so a changed timeout is a new set, never a redefinition."""
+    return f"aff-{endpoint_hash(spn, protocol, endpoint)}-{seconds}"

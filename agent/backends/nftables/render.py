@@ -1,0 +1,524 @@
+"""DesiredState -> nft transaction text (the `nft -f` statement language). Pure: no I/O, no kernel.
+
+Layout of `table ip kube-proxy-agent` (and `ip6`, identical but for addresses):
+
+  maps   service-ips            daddr . proto . port : jump svc-/svl-/ext- chain
+         service-nodeports      proto . port : goto ext- chain
+         no-endpoint-services   cluster IPs with nothing to DNAT to : goto reject-chain | drop
+         no-endpoint-external   external / load-balancer IPs likewise
+         no-endpoint-nodeports  node ports likewise
+         firewall-ips           load-balancer IP . proto . port : goto fw- chain
+  set    nodeport-ips           (only with --nodeport-addresses) addresses that take node ports
+  chains nat-prerouting, nat-output -> services: one vmap lookup, then the node-port lookup
+         nat-postrouting -> masquerading: masquerade fully-random what carries mark 0x4000
+         firewall-prerouting, firewall-output (filter, -110, before DNAT): firewall-ips
+         filter-input, filter-forward, filter-output (filter, 0): ct state new lookups in the
+           no-endpoint maps, then (forward) accept marked and established traffic
+  per service port: svc-H (cluster endpoints), svl-H (local endpoints), ext-H (external traffic),
+         fw-H (loadBalancerSourceRanges); per endpoint sep-E (hairpin mark, affinity update, DNAT)
+         and, with sessionAffinity, a dynamic set aff-E-<seconds>.
+
+Each service port renders to a `ServiceNft` (its sets, chains and map elements), cached between
+syncs. A full render rewrites the table in one transaction (flush table, flush maps, declare
+everything, delete leftovers). A partial render diffs the changed ports' old and new `ServiceNft`
+and emits only their statements, so its cost is that of the ports that changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.backends.nftables import names as N
+from agent.model.desired import DesiredState, NodeContext, ServicePlan
+from agent.model.endpoints import EndpointInfo
+from agent.model.serviceport import ServicePortName
+
+REJECT_VERDICT = f"goto {N.REJECT}"
+MAX_COMMENT = 120
+_UNSAFE = re.compile(r'[^A-Za-z0-9 ._/:@+=,()-]')
+
+# (map, key, verdict, comment)
+Element = tuple[str, str, str, str]
+ElemValue = tuple[str, str]  # (verdict, comment)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceNft:
+    """What one service port puts in its family's table."""
+
+    plan: ServicePlan
+    node: NodeContext
+    sets: tuple[tuple[str, str], ...]  # (name, declaration), e.g. "{ typeof ip saddr ; ... }"
+    chains: tuple[tuple[str, tuple[str, ...]], ...]  # (name, rules), each chain after those it uses
+    elements: tuple[Element, ...]  # unique (map, key)
+
+    @property
+    def rule_count(self) -> int:
+        return sum(len(rules) for _, rules in self.chains)
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """Our table's chain and set names as listed from the kernel (for a full sync after a restart
+    or a failure, when the renderer's memory of the kernel cannot be trusted)."""
+
+    chains: frozenset[str] = frozenset()
+    sets: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class RenderResult:
+    text: str
+    full: bool
+    written: dict[str, int] = field(default_factory=dict)  # statements per map, chains, rules
+    totals: dict[str, int] = field(default_factory=dict)  # elements per map, chains, rules after it
+
+
+def _comment(text: str) -> str:
+    return f'comment "{_UNSAFE.sub("_", text)[:MAX_COMMENT]}"'
+
+
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+def _cidrs(cidrs: Iterable[str]) -> str:
+    """One prefix, or an anonymous set of collapsed prefixes (nft refuses overlapping intervals)."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    v4 = ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv4Network))
+    v6 = ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv6Network))
+    out = [str(n) for n in (*v4, *v6)]
+    return out[0] if len(out) == 1 else "{ " + ", ".join(out) + " }"
+
+
+def _key(ip: str, proto: str, port: int) -> str:
+    return f"{ip} . {proto} . {port}"
+
+
+def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
+    """The sets, chains and map elements of one service port: the same decisions as iptables
+    render_service, expressed as chains reached from verdict maps."""
+    info = plan.info
+    fam = info.family
+    ip = N.family_keyword(fam)
+    spn = str(info.name)
+    proto = info.protocol.lower()
+    svc_chain = N.service_chain("svc", spn, info.protocol)
+    svl_chain = N.service_chain("svl", spn, info.protocol)
+    ext_chain = N.service_chain("ext", spn, info.protocol)
+    fw_chain = N.service_chain("fw", spn, info.protocol)
+    sets: list[tuple[str, str]] = []
+    chains: list[tuple[str, tuple[str, ...]]] = []
+    elements: dict[tuple[str, str], ElemValue] = {}
+
+    def element(mapname: str, key: str, verdict: str, comment: str) -> None:
+        elements.setdefault((mapname, key), (verdict, comment))  # a repeated IP keeps its first use
+
+    # Endpoint chains, shared by the cluster (svc) and local (svl) chains.
+    endpoints: dict[str, EndpointInfo] = {}
+    for ep in sorted(plan.all_endpoints, key=lambda e: (e.ip, e.port)):
+        endpoints.setdefault(ep.address, ep)
+    sep_names: dict[str, str] = {}
+    aff_names: dict[str, str] = {}
+    for address, ep in endpoints.items():
+        sep = N.endpoint_chain(spn, info.protocol, address)
+        sep_names[address] = sep
+        rules = [f"{ip} saddr {ep.ip} jump {N.MARK_MASQ}"]
+        if info.affinity_seconds:
+            aff = N.affinity_set(spn, info.protocol, address, info.affinity_seconds)
+            aff_names[address] = aff
+            sets.append(
+                (aff, f"{{ typeof {ip} saddr ; flags dynamic,timeout ; timeout {info.affinity_seconds}s ; }}")
+            )
+            rules.append(f"update @{aff} {{ {ip} saddr }}")
+        rules.append(f"meta l4proto {proto} dnat to {address}")
+        chains.append((sep, tuple(rules)))
+
+    cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
+
+    def spread(eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
+        rules: list[str] = []
+        if node.masquerade_all:
+            rules.append(f"{cluster_match} jump {N.MARK_MASQ}")
+        elif node.cluster_cidrs:
+            rules.append(f"{cluster_match} {ip} saddr != {_cidrs(node.cluster_cidrs)} jump {N.MARK_MASQ}")
+        if info.affinity_seconds:
+            rules += [f"{ip} saddr @{aff_names[e.address]} goto {sep_names[e.address]}" for e in eps]
+        targets = ", ".join(f"{i} : goto {sep_names[e.address]}" for i, e in enumerate(eps))
+        rules.append(f"numgen random mod {len(eps)} vmap {{ {targets} }}")
+        return tuple(rules)
+
+    if plan.cluster:
+        chains.append((svc_chain, spread(plan.cluster)))
+    if plan.local:
+        chains.append((svl_chain, spread(plan.local)))
+
+    # Cluster IP.
+    cip_key = _key(info.cluster_ip, proto, info.port)
+    if plan.internal_endpoints:
+        internal_chain = svl_chain if info.internal_policy_local else svc_chain
+        element(N.SERVICE_IPS, cip_key, f"jump {internal_chain}", f"{spn} cluster IP")
+    else:
+        verdict = "drop" if plan.has_any else REJECT_VERDICT
+        element(N.NO_ENDPOINT_SERVICES, cip_key, verdict, f"{spn} has no endpoints")
+
+    # External traffic: node ports, external IPs, load-balancer IPs all enter the ext chain.
+    if info.externally_accessible:
+        ext_rules: list[str] = []
+        if info.external_policy_local:
+            if plan.cluster:
+                if node.cluster_cidrs:
+                    ext_rules.append(f"{ip} saddr {_cidrs(node.cluster_cidrs)} goto {svc_chain}")
+                ext_rules.append(f"fib saddr type local jump {N.MARK_MASQ}")
+                ext_rules.append(f"fib saddr type local goto {svc_chain}")
+            if plan.local:
+                ext_rules.append(f"goto {svl_chain}")
+        elif plan.cluster:
+            ext_rules.append(f"jump {N.MARK_MASQ}")
+            ext_rules.append(f"goto {svc_chain}")
+        has_ext = bool(ext_rules)
+        if has_ext:
+            chains.append((ext_chain, tuple(ext_rules)))
+        # What happens to external traffic that the ext chain does not DNAT.
+        ext_verdict = "" if plan.external_endpoints else ("drop" if plan.has_any else REJECT_VERDICT)
+        ext_reason = "no local endpoints" if plan.has_any else "no endpoints"
+        fronts = [(a, "external IP") for a in info.external_ips]
+        fronts += [(a, "load balancer IP") for a in info.load_balancer_ips]
+        for addr, what in fronts:
+            key = _key(addr, proto, info.port)
+            if has_ext:
+                element(N.SERVICE_IPS, key, f"jump {ext_chain}", f"{spn} {what}")
+            if ext_verdict:
+                element(N.NO_ENDPOINT_EXTERNAL, key, ext_verdict, f"{spn} has {ext_reason}")
+        if info.node_port:
+            key = f"{proto} . {info.node_port}"
+            if has_ext:
+                element(N.SERVICE_NODEPORTS, key, f"goto {ext_chain}", f"{spn} node port")
+            if ext_verdict:
+                element(N.NO_ENDPOINT_NODEPORTS, key, ext_verdict, f"{spn} has {ext_reason}")
+        if info.load_balancer_source_ranges and info.load_balancer_ips:
+            drop = _comment(f"{spn} source not in loadBalancerSourceRanges")
+            chains.append(
+                (fw_chain, (f"{ip} saddr != {_cidrs(info.load_balancer_source_ranges)} drop {drop}",))
+            )
+            for addr in info.load_balancer_ips:
+                element(N.FIREWALL_IPS, _key(addr, proto, info.port), f"goto {fw_chain}", f"{spn}")
+
+    return ServiceNft(
+        plan=plan,
+        node=node,
+        sets=tuple(sets),
+        chains=tuple(chains),
+        elements=tuple((m, k, v, c) for (m, k), (v, c) in elements.items()),
+    )
+
+
+def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """The fixed chains: (name, declaration suffix, rules), regular chains before base chains."""
+    fam = node.family
+    ip = N.family_keyword(fam)
+    lookup = f"{ip} daddr . meta l4proto . th dport vmap"
+    ports = "meta l4proto . th dport vmap"
+    if node.nodeport_ips is None:
+        nodeports = f"{ip} daddr != {node.loopback} fib daddr type local {ports} @{N.SERVICE_NODEPORTS}"
+    else:
+        nodeports = f"{ip} daddr @{N.NODEPORT_IPS} {ports} @{N.SERVICE_NODEPORTS}"
+    no_ep_external = (
+        f"ct state new {lookup} @{N.NO_ENDPOINT_EXTERNAL}",
+        f"ct state new fib daddr type local {ports} @{N.NO_ENDPOINT_NODEPORTS}",
+    )
+    no_ep_services = f"ct state new {lookup} @{N.NO_ENDPOINT_SERVICES}"
+    rules: dict[str, tuple[str, ...]] = {
+        N.MARK_MASQ: (f"meta mark set meta mark | {N.MASQ_MARK}",),
+        N.MASQUERADING: (
+            f"meta mark & {N.MASQ_MARK} == 0 return",
+            f"meta mark set meta mark ^ {N.MASQ_MARK}",
+            "masquerade fully-random",
+        ),
+        N.REJECT: ("reject",),
+        N.SERVICES: (f"{lookup} @{N.SERVICE_IPS}", nodeports),
+        N.NAT_PREROUTING: (f"jump {N.SERVICES}",),
+        N.NAT_OUTPUT: (f"jump {N.SERVICES}",),
+        N.NAT_POSTROUTING: (f"jump {N.MASQUERADING}",),
+        N.FIREWALL_PREROUTING: (f"{lookup} @{N.FIREWALL_IPS}",),
+        N.FIREWALL_OUTPUT: (f"{lookup} @{N.FIREWALL_IPS}",),
+        N.FILTER_INPUT: no_ep_external,
+        N.FILTER_FORWARD: (
+            *no_ep_external,
+            no_ep_services,
+            f"meta mark & {N.MASQ_MARK} == {N.MASQ_MARK} accept",
+            "ct state established,related accept",
+        ),
+        N.FILTER_OUTPUT: (no_ep_services,),
+    }
+    out: list[tuple[str, str, tuple[str, ...]]] = [
+        (name, "", rules[name]) for name in (N.MARK_MASQ, N.MASQUERADING, N.REJECT, N.SERVICES)
+    ]
+    for name, typ, hook, prio in N.BASE_CHAINS:
+        out.append((name, f" {{ type {typ} hook {hook} priority {prio} ; }}", rules[name]))
+    return tuple(out)
+
+
+BASE_CHAIN_COUNT = len(N.FIXED_CHAINS)
+
+
+def _element_block(verb: str, t: str, mapname: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    return [f"{verb} element {t} {mapname} {{", *(f"\t{i}," for i in items), "}"]
+
+
+def _add_item(key: str, value: ElemValue) -> str:
+    verdict, comment = value
+    return f"{key} {_comment(comment)} : {verdict}"
+
+
+def _chain_lines(t: str, name: str, rules: tuple[str, ...]) -> list[str]:
+    return [f"add rule {t} {name} {r}" for r in rules]
+
+
+class NftRenderer:
+    """Renders one family's table and remembers what it last rendered, to diff partial syncs.
+
+    `known` says the kernel holds what this renderer last rendered; the writer clears it when a
+    transaction fails (`reset`), which makes the next render full."""
+
+    def __init__(self, family: int) -> None:
+        self.family = family
+        self.table = N.table_ref(family)
+        self._memo: dict[ServicePortName, ServiceNft] = {}
+        # (map, key) -> {service port: value}; the kernel holds the smallest service port's value,
+        # as the iptables mode's first matching rule (services in sorted order) would win.
+        self._owners: dict[tuple[str, str], dict[ServicePortName, ElemValue]] = {}
+        self._kernel: dict[str, dict[str, ElemValue]] = {m: {} for m, _ in N.MAPS}
+        self._node: NodeContext | None = None
+        self._chains = 0  # chains and rules owned by service ports
+        self._rules = 0
+        self.known = False
+        self.recreate = False
+
+    # -- state ------------------------------------------------------------------------------
+
+    def reset(self, *, full: bool) -> None:
+        """Forget what the kernel holds (a transaction failed). After a failed full sync the next
+        one deletes and recreates the table instead of flushing it."""
+        self.known = False
+        if full:
+            self.recreate = True
+
+    def needs_full(self, desired: DesiredState) -> bool:
+        return not self.known or desired.node != self._node
+
+    def _totals(self) -> dict[str, int]:
+        totals = {m: len(elems) for m, elems in self._kernel.items()}
+        totals["chains"] = BASE_CHAIN_COUNT + self._chains
+        totals["rules"] = self._base_rules + self._rules
+        return totals
+
+    @property
+    def _base_rules(self) -> int:
+        return sum(len(r) for _, _, r in base_chains(self._node)) if self._node else 0
+
+    # -- rendering --------------------------------------------------------------------------
+
+    def render(
+        self,
+        desired: DesiredState,
+        changed: Iterable[ServicePortName],
+        *,
+        full: bool,
+        existing: Existing | None = None,
+    ) -> RenderResult:
+        """One transaction for this family. Partial when allowed (`full` False, the kernel's state
+        known, the node unchanged), else full; `existing` (names listed from the kernel) lets a
+        full sync delete leftovers it has no memory of."""
+        if desired.family != self.family:
+            raise ValueError(f"renderer for IPv{self.family} given IPv{desired.family} state")
+        if full or self.needs_full(desired):
+            return self._full(desired, existing)
+        return self._partial(desired, changed)
+
+    def _full(self, desired: DesiredState, existing: Existing | None) -> RenderResult:
+        node = desired.node
+        t = self.table
+        old_memo, old_node = self._memo, self._node
+        memo: dict[ServicePortName, ServiceNft] = {}
+        for spn in sorted(desired.services):
+            plan = desired.services[spn]
+            old = old_memo.get(spn)
+            memo[spn] = old if old is not None and old.node == node and old.plan == plan else (
+                render_service(plan, node)
+            )
+
+        wanted_chains = set(N.FIXED_CHAINS)
+        wanted_sets = {m for m, _ in N.MAPS}
+        if node.nodeport_ips is not None:
+            wanted_sets.add(N.NODEPORT_IPS)
+        for s in memo.values():
+            wanted_chains.update(name for name, _ in s.chains)
+            wanted_sets.update(name for name, _ in s.sets)
+        stale_chains: set[str] = set()
+        stale_sets: set[str] = set()
+        if self.recreate:
+            pass
+        elif existing is not None:
+            stale_chains = set(existing.chains) - wanted_chains
+            stale_sets = set(existing.sets) - wanted_sets
+        elif self.known:
+            for s in old_memo.values():
+                stale_chains.update(name for name, _ in s.chains)
+                stale_sets.update(name for name, _ in s.sets)
+            if old_node is not None and old_node.nodeport_ips is not None:
+                stale_sets.add(N.NODEPORT_IPS)
+            stale_chains -= wanted_chains
+            stale_sets -= wanted_sets
+
+        lines = [f"add table {t}"]
+        if self.recreate:
+            lines += [f"delete table {t}", f"add table {t}"]
+        else:
+            lines.append(f"flush table {t}")
+        addr_t = _addr_type(self.family)
+        for mapname, by_addr in N.MAPS:
+            key_t = f"{addr_t} . inet_proto . inet_service" if by_addr else "inet_proto . inet_service"
+            lines.append(f"add map {t} {mapname} {{ type {key_t} : verdict ; }}")
+            if not self.recreate:
+                lines.append(f"flush map {t} {mapname}")
+        if node.nodeport_ips is not None:
+            lines.append(f"add set {t} {N.NODEPORT_IPS} {{ type {addr_t} ; }}")
+            if not self.recreate:
+                lines.append(f"flush set {t} {N.NODEPORT_IPS}")
+            if node.nodeport_ips:
+                lines.append(f"add element {t} {N.NODEPORT_IPS} {{ {', '.join(node.nodeport_ips)} }}")
+        # Nothing references leftovers any more: the flushes above removed every rule and element.
+        lines += [f"delete chain {t} {c}" for c in sorted(stale_chains)]
+        lines += [f"delete set {t} {s}" for s in sorted(stale_sets)]
+
+        written: dict[str, int] = {}
+        n_rules = 0
+        for name, decl, rules in base_chains(node):
+            lines.append(f"add chain {t} {name}{decl}")
+            lines += _chain_lines(t, name, rules)
+            n_rules += len(rules)
+
+        self._owners = {}
+        self._kernel = {m: {} for m, _ in N.MAPS}
+        self._chains = self._rules = 0
+        for spn, s in memo.items():
+            lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
+            for name, rules in s.chains:
+                lines.append(f"add chain {t} {name}")
+                lines += _chain_lines(t, name, rules)
+            self._chains += len(s.chains)
+            self._rules += s.rule_count
+            for mapname, key, verdict, comment in s.elements:
+                self._owners.setdefault((mapname, key), {})[spn] = (verdict, comment)
+                self._kernel[mapname].setdefault(key, (verdict, comment))
+        for mapname, _ in N.MAPS:
+            items = [_add_item(k, v) for k, v in self._kernel[mapname].items()]
+            lines += _element_block("add", t, mapname, items)
+            written[mapname] = len(items)
+
+        written["chains"] = BASE_CHAIN_COUNT + self._chains + len(stale_chains)
+        written["rules"] = n_rules + self._rules
+        self._memo = memo
+        self._node = node
+        self.known = True
+        self.recreate = False
+        return RenderResult("\n".join(lines) + "\n", True, written, self._totals())
+
+    def _partial(self, desired: DesiredState, changed: Iterable[ServicePortName]) -> RenderResult:
+        node = desired.node
+        t = self.table
+        add_sets: list[str] = []
+        del_sets: list[str] = []
+        declare: list[str] = []
+        flush: list[str] = []
+        body: list[str] = []
+        remove: list[str] = []
+        original: dict[tuple[str, str], ElemValue | None] = {}  # kernel value before this sync
+
+        for spn in sorted(set(changed)):
+            old = self._memo.get(spn)
+            plan = desired.services.get(spn)
+            if old is not None and plan is not None and old.plan == plan and old.node == node:
+                continue
+            if old is None and plan is None:
+                continue
+            new = render_service(plan, node) if plan is not None else None
+            if new is None:
+                del self._memo[spn]
+            else:
+                self._memo[spn] = new
+
+            old_sets = dict(old.sets) if old else {}
+            new_sets = dict(new.sets) if new else {}
+            add_sets += [f"add set {t} {n} {d}" for n, d in new_sets.items() if n not in old_sets]
+            del_sets += [f"delete set {t} {n}" for n in old_sets if n not in new_sets]
+
+            old_chains = dict(old.chains) if old else {}
+            new_chains = dict(new.chains) if new else {}
+            for name, rules in new_chains.items():
+                prev = old_chains.get(name)
+                if prev is None:
+                    declare.append(name)
+                elif prev != rules:
+                    flush.append(name)
+                else:
+                    continue
+                body += _chain_lines(t, name, rules)
+            remove += [name for name in old_chains if name not in new_chains]
+            self._chains += len(new_chains) - len(old_chains)
+            self._rules += (new.rule_count if new else 0) - (old.rule_count if old else 0)
+
+            old_elems = {(m, k): (v, c) for m, k, v, c in old.elements} if old else {}
+            new_elems = {(m, k): (v, c) for m, k, v, c in new.elements} if new else {}
+            for mk in old_elems.keys() | new_elems.keys():
+                value = new_elems.get(mk)
+                if old_elems.get(mk) == value:
+                    continue
+                mapname, key = mk
+                if mk not in original:
+                    original[mk] = self._kernel[mapname].get(key)
+                owners = self._owners.setdefault(mk, {})
+                if value is None:
+                    owners.pop(spn, None)
+                else:
+                    owners[spn] = value
+                if owners:
+                    self._kernel[mapname][key] = owners[min(owners)]
+                else:
+                    del self._owners[mk]
+                    self._kernel[mapname].pop(key, None)
+
+        deletes: dict[str, list[str]] = {m: [] for m, _ in N.MAPS}
+        adds: dict[str, list[str]] = {m: [] for m, _ in N.MAPS}
+        for (mapname, key), before in sorted(original.items()):
+            after = self._kernel[mapname].get(key)
+            if before == after:
+                continue
+            if before is not None:
+                deletes[mapname].append(key)
+            if after is not None:
+                adds[mapname].append(_add_item(key, after))
+
+        lines = list(add_sets)
+        lines += [f"add chain {t} {c}" for c in declare]
+        for mapname, _ in N.MAPS:
+            lines += _element_block("delete", t, mapname, deletes[mapname])
+        lines += [f"flush chain {t} {c}" for c in flush]
+        lines += body
+        for mapname, _ in N.MAPS:
+            lines += _element_block("add", t, mapname, adds[mapname])
+        lines += [f"flush chain {t} {c}" for c in remove]
+        lines += [f"delete chain {t} {c}" for c in remove]
+        lines += del_sets
+
+        written = {m: len(deletes[m]) + len(adds[m]) for m, _ in N.MAPS}
+        written["chains"] = len(declare) + len(flush) + len(remove)
+        written["rules"] = len(body)
+        text = "\n".join(lines) + "\n" if lines else ""
+        return RenderResult(text, False, written, self._totals())

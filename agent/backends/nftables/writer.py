@@ -1,0 +1,264 @@
+"""The nftables mode: renders with render.py and loads each sync as one nft transaction.
+
+Writes go through libnftables in process (Debian's python3-nftables); only when that binding is
+missing does the mode run `nft -f -`. Input is handed to libnftables as a file (a memfd) rather
+than a string, because nft 1.0 reports errors in string input against the wrong line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol
+
+from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.nftables import names as N
+from agent.backends.nftables.render import Existing, NftRenderer, RenderResult
+from agent.kernel.commands import CommandError, have, run
+from agent.model.desired import ChangedPorts, DesiredState
+
+log = logging.getLogger("agent.nftables")
+_ERROR_AT = re.compile(r"^\S*?:(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
+
+
+class Nft(Protocol):
+    """Runs nft input: one call is one transaction."""
+
+    name: str
+
+    def run(self, text: str) -> tuple[int, str, str]:
+        """Load `text` (nft -f syntax); return (rc, stdout, stderr)."""
+
+    def list_json(self, what: str) -> Any:
+        """`nft -j -t list <what>`, decoded."""
+
+
+class LibNft:
+    """libnftables through its Python binding, in process."""
+
+    name = "libnftables"
+
+    def __init__(self) -> None:
+        import nftables
+
+        self._nft = nftables.Nftables()
+
+    def run(self, text: str) -> tuple[int, str, str]:
+        fd = os.memfd_create("kube-proxy-agent.nft", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+            rc, out, err = self._nft.cmd_from_file(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return int(rc), str(out), str(err)
+
+    def list_json(self, what: str) -> Any:
+        self._nft.set_json_output(True)
+        self._nft.set_terse_output(True)
+        try:
+            rc, out, err = self._nft.cmd(f"list {what}")
+        finally:
+            self._nft.set_json_output(False)
+            self._nft.set_terse_output(False)
+        if rc != 0:
+            raise CommandError(["nft", "list", what], int(rc), str(err))
+        return json.loads(out) if out else {}
+
+
+class NftCommand:
+    """The `nft` binary, for hosts without the Python binding."""
+
+    name = "nft"
+
+    def __init__(self, binary: str = "nft") -> None:
+        self.binary = binary
+
+    def run(self, text: str) -> tuple[int, str, str]:
+        try:
+            return 0, run([self.binary, "-f", "-"], stdin=text, timeout=300), ""
+        except CommandError as exc:
+            return exc.code or 1, "", exc.stderr
+
+    def list_json(self, what: str) -> Any:
+        out = run([self.binary, "-j", "-t", "list", *what.split()], timeout=120)
+        return json.loads(out) if out else {}
+
+
+def detect_nft() -> Nft | None:
+    """The binding if importable and loadable, else the nft binary, else None."""
+    try:
+        return LibNft()
+    except (ImportError, OSError) as exc:
+        if have("nft"):
+            log.info("python nftables binding unavailable (%s); falling back to running `nft -f -`", exc)
+            return NftCommand()
+        return None
+
+
+def offending(text: str, stderr: str) -> tuple[str, str]:
+    """The first error nft reported and the input line it names."""
+    m = _ERROR_AT.search(stderr)
+    if not m:
+        first = next((ln for ln in stderr.splitlines() if ln.strip()), "")
+        return first, ""
+    lines = text.splitlines()
+    n = int(m.group(1))
+    return m.group(2), (lines[n - 1].strip() if 0 < n <= len(lines) else "")
+
+
+def _listed(data: Any, kind: str) -> dict[str, set[str]]:
+    """family -> names of our table's chains (or sets) from `nft -j list chains|sets`."""
+    out: dict[str, set[str]] = {}
+    for item in data.get("nftables", []) if isinstance(data, dict) else []:
+        obj = item.get(kind) if isinstance(item, dict) else None
+        if isinstance(obj, dict) and obj.get("table") == N.TABLE:
+            out.setdefault(str(obj.get("family")), set()).add(str(obj.get("name")))
+    return out
+
+
+def probe_text(family: int) -> str:
+    """A scratch table using each kind of statement the mode relies on."""
+    ip = N.family_keyword(family)
+    t = f"{ip} {N.PROBE_TABLE}"
+    addr = "10.0.0.1" if family == 4 else "fd00::1"
+    dest = "10.0.0.1:80" if family == 4 else "[fd00::1]:80"
+    addr_t = "ipv4_addr" if family == 4 else "ipv6_addr"
+    return "\n".join(
+        [
+            f"add table {t}",
+            f"add map {t} m {{ type {addr_t} . inet_proto . inet_service : verdict ; }}",
+            f"add set {t} a {{ typeof {ip} saddr ; flags dynamic,timeout ; timeout 10s ; }}",
+            f"add chain {t} sep",
+            f"add rule {t} sep update @a {{ {ip} saddr }}",
+            f"add rule {t} sep meta l4proto tcp dnat to {dest}",
+            f"add chain {t} svc",
+            f"add rule {t} svc {ip} saddr @a goto sep",
+            f"add rule {t} svc numgen random mod 1 vmap {{ 0 : goto sep }}",
+            f"add element {t} m {{ {addr} . tcp . 80 : goto svc }}",
+            f"add chain {t} nat {{ type nat hook prerouting priority -100 ; }}",
+            f"add rule {t} nat {ip} daddr . meta l4proto . th dport vmap @m",
+            f"add chain {t} post {{ type nat hook postrouting priority 100 ; }}",
+            f"add rule {t} post meta mark & 0x4000 == 0x4000 masquerade fully-random",
+            f"add chain {t} filter {{ type filter hook input priority 0 ; }}",
+            f"add rule {t} filter ct state new fib daddr type local meta l4proto . th dport 1 reject",
+        ]
+    ) + "\n"
+
+
+class NftablesBackend:
+    name: ClassVar[str] = "nftables"
+
+    def __init__(self, nft: Nft | None = None, families: tuple[int, ...] = (4, 6)) -> None:
+        self._nft = nft
+        self._detected = nft is not None
+        self.families = families
+        self._renderers = {f: NftRenderer(f) for f in families}
+
+    @property
+    def nft(self) -> Nft | None:
+        if not self._detected:
+            self._nft = detect_nft()
+            self._detected = True
+        return self._nft
+
+    def _require(self) -> Nft:
+        nft = self.nft
+        if nft is None:
+            raise UnsupportedMode(
+                "nftables mode needs libnftables or the nft binary: install python3-nftables "
+                "(apt-get install python3-nftables) or nftables; or use --proxy-mode iptables"
+            )
+        return nft
+
+    def check_supported(self) -> None:
+        nft = self._require()
+        for fam in self.families:
+            rc, _, err = nft.run(probe_text(fam))
+            drop = f"add table {N.family_keyword(fam)} {N.PROBE_TABLE}\ndelete table {N.family_keyword(fam)} {N.PROBE_TABLE}\n"
+            nft.run(drop)
+            if rc != 0:
+                what, _ = offending(probe_text(fam), err)
+                raise UnsupportedMode(
+                    f"the kernel refused a scratch nftables table for IPv{fam} ({what or err.strip()}): "
+                    "nftables mode needs nf_tables with nat, fib, numgen and reject support and "
+                    "CAP_NET_ADMIN; try --proxy-mode iptables"
+                )
+
+    def _existing(self, nft: Nft) -> dict[int, Existing]:
+        """Our chains and sets as the kernel has them, per family (empty when unreadable)."""
+        try:
+            chains = _listed(nft.list_json("chains"), "chain")
+            sets = _listed(nft.list_json("sets"), "set")
+        except (CommandError, ValueError) as exc:
+            log.warning("could not list nftables chains; leftovers stay until the next full sync: %s", exc)
+            return {}
+        out: dict[int, Existing] = {}
+        for fam in self.families:
+            kw = N.family_keyword(fam)
+            out[fam] = Existing(frozenset(chains.get(kw, set())), frozenset(sets.get(kw, set())))
+        return out
+
+    def sync(
+        self, desired: Mapping[int, DesiredState], changed: Mapping[int, ChangedPorts], *, full: bool
+    ) -> SyncResult:
+        nft = self._require()
+        result = SyncResult()
+        unknown = [f for f in self.families if not self._renderers[f].known]
+        existing = self._existing(nft) if unknown else {}
+        texts: list[str] = []
+        outs: dict[int, RenderResult] = {}
+        for fam in self.families:
+            renderer = self._renderers[fam]
+            out = renderer.render(
+                desired[fam], changed.get(fam, frozenset()), full=full, existing=existing.get(fam)
+            )
+            outs[fam] = out
+            texts.append(out.text)
+        text = "".join(texts)
+        if text:
+            rc, _, err = nft.run(text)
+            if rc != 0:
+                for fam in self.families:
+                    self._renderers[fam].reset(full=outs[fam].full)
+                what, line = offending(text, err)
+                raise SyncError(
+                    f"nft transaction failed ({nft.name}): {what or err.strip() or 'exit ' + str(rc)}"
+                    + (f"; offending statement: {line}" if line else ""),
+                    kind="transaction",
+                    partial=not full,
+                )
+        for fam, out in outs.items():
+            suffix = "" if fam == 4 else "6"
+            for key, n in out.written.items():
+                result.written[key + suffix] = n
+            for key, n in out.totals.items():
+                result.totals[key + suffix] = n
+        kinds = {fam: "full" if out.full else "partial" for fam, out in outs.items()}
+        result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
+        return result
+
+    def render(self, desired: Mapping[int, DesiredState]) -> str:
+        parts = []
+        for fam in self.families:
+            text = NftRenderer(fam).render(desired[fam], (), full=True).text
+            parts.append(f"# IPv{fam}: input for nft -f\n{text}")
+        return "".join(parts)
+
+    def cleanup(self) -> None:
+        nft = self.nft
+        if nft is None:
+            log.info("cleanup: neither libnftables nor nft is available; nothing to remove")
+            return
+        lines = []
+        for kw in ("ip", "ip6"):
+            for table in (N.TABLE, N.PROBE_TABLE):
+                lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
+        rc, _, err = nft.run("\n".join(lines) + "\n")
+        if rc != 0:
+            raise SyncError(f"nftables cleanup failed: {err.strip()}", kind="cleanup")
+        for r in self._renderers.values():
+            r.reset(full=False)
+        log.info("cleanup removed tables %s (ip, ip6)", N.TABLE)

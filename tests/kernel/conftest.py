@@ -1,0 +1,260 @@
+"""One simulated node per proxy mode: the agent in a node namespace fed by --source files, pods
+on a bridge, and a client outside the node.
+
+    client (10.10.0.2, .3)  --ext--  node1 (10.10.0.1 | br0 10.244.1.1)  --br0--  pods a, b, c, r
+                                     agent --source DIR                             (r "runs on node2")
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.backends.base import UnsupportedMode
+from agent.backends.registry import make_backend
+from tests.netlab import Lab, probe, socket_in, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
+CLUSTER_CIDRS = "10.244.0.0/16,fd00:244::/32"
+NODE_EXT = "10.10.0.1"
+NODE_EXT6 = "fd00:10::1"
+NODE_BR = "10.244.1.1"
+CLIENT = "10.10.0.2"
+CLIENT2 = "10.10.0.3"
+CLIENT6 = "fd00:10::2"
+PODS = {  # name -> (ipv4, ipv6, node)
+    "pod-a": ("10.244.1.10", "fd00:244:1::10", "node1"),
+    "pod-b": ("10.244.1.11", "fd00:244:1::11", "node1"),
+    "pod-c": ("10.244.1.12", "fd00:244:1::12", "node1"),
+    "pod-r": ("10.244.1.20", "fd00:244:1::20", "node2"),
+}
+POD_PORTS = [("tcp", 8080), ("udp", 8080), ("sctp", 8080), ("tcp", 9090)]
+MODES = ("iptables", "nftables")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--proxy-mode", action="append", default=[], help="run kernel tests for this mode only")
+
+
+def _modes(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("--proxy-mode") or list(MODES)
+    return [m for m in chosen if m in MODES]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "mode" in metafunc.fixturenames:
+        metafunc.parametrize("mode", _modes(metafunc.config), scope="module")
+
+
+def _mode_supported(mode: str) -> str:
+    try:
+        make_backend(mode, (4,)).check_supported()
+    except (UnsupportedMode, ImportError) as exc:
+        return str(exc)
+    return ""
+
+
+@dataclass
+class Node:
+    """The running agent and its world. Tests call apply()/remove() and probe from client or pods."""
+
+    lab: Lab
+    mode: str
+    node: str
+    client: str
+    pods: dict[str, str]  # pod name -> namespace
+    source: Path
+    log: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: Any = None
+    _ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
+
+    def start(self) -> None:
+        argv = [AGENT, "--proxy-mode", self.mode, "--source", str(self.source), "--hostname-override", "node1",
+                "--cluster-cidr", CLUSTER_CIDRS, "--min-sync-period", "0s", "--sync-period", "20s",
+                *self.extra_args]
+        self.proc = self.lab.spawn(self.node, argv, str(self.log))
+        assert wait_for(lambda: self.last_sync() > 0, 30), f"agent never synced; log:\n{self.log_tail()}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:])
+
+    def http(self, port: int, path: str, ip: str = "127.0.0.1", ns: str | None = None) -> tuple[int, str]:
+        s = socket_in(ns or self.node, socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(3)
+        try:
+            s.connect((ip, port))
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        head, _, body = data.decode().partition("\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def metrics(self) -> str:
+        return self.http(10249, "/metrics")[1]
+
+    def metric(self, name: str) -> float:
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def last_sync(self) -> float:
+        try:
+            return self.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+        except OSError:
+            return 0.0
+
+    def apply(self, name: str, objects: list[dict[str, Any]]) -> None:
+        """Write one file of objects and wait until the agent has synced after it."""
+        before = time.time()
+        tmp = self.source / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump_all(objects))
+        tmp.rename(self.source / f"{name}.yaml")
+        self.wait_sync(before)
+
+    def remove(self, name: str) -> None:
+        before = time.time()
+        (self.source / f"{name}.yaml").unlink(missing_ok=True)
+        self.wait_sync(before)
+
+    def wait_sync(self, after: float, timeout: float = 20) -> None:
+        assert wait_for(lambda: self.last_sync() > after, timeout), f"no sync after change:\n{self.log_tail()}"
+
+    def cluster_ip(self) -> tuple[str, str]:
+        n = next(self._ips)
+        return f"10.96.0.{n}", f"fd00:96::{n:x}"
+
+    def probe(self, ip: str, port: int, proto: str = "tcp", src: str | None = None, **kw: Any) -> str:
+        """From the outside client (default) or from a pod namespace (src='pod-a')."""
+        ns = self.pods[src] if src else self.client
+        return probe(ns, ip, port, proto, **kw)
+
+    def answers(self, ip: str, port: int, n: int = 1, **kw: Any) -> list[str]:
+        return [self.probe(ip, port, **kw) for _ in range(n)]
+
+
+def build_node(lab: Lab, mode: str, tmp: Path, extra_args: list[str]) -> Node:
+    node = lab.ns("node")
+    client = lab.ns("client")
+    lab.sysctl(node, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    lab.exec(node, "ip", "link", "add", "br0", "type", "bridge")
+    lab.exec(node, "ip", "link", "set", "br0", "up")
+    lab.addr(node, "br0", f"{NODE_BR}/24", "fd00:244:1::1/64")
+    n_ext, c_ext = lab.veth(node, client, "ext0", "eth0")
+    lab.addr(node, n_ext, f"{NODE_EXT}/24", f"{NODE_EXT6}/64")
+    lab.addr(client, c_ext, f"{CLIENT}/24", f"{CLIENT2}/24", f"{CLIENT6}/64")
+    for cidr in ("10.96.0.0/16", "10.20.0.0/24"):
+        lab.route(client, cidr, "via", NODE_EXT)
+    for cidr in ("fd00:96::/64", "fd00:20::/64"):
+        lab.route(client, cidr, "via", NODE_EXT6)
+    # Like a real node, the service CIDR is not on the pod bridge (the default route would carry
+    # it); a veth pair inside the node stands in so the node's own connections have a route.
+    lab.exec(node, "ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc1")
+    lab.exec(node, "ip", "link", "set", "svc0", "up")
+    lab.exec(node, "ip", "link", "set", "svc1", "up")
+    lab.route(node, "10.96.0.0/16", "dev", "svc0")
+    lab.route(node, "fd00:96::/64", "dev", "svc0")
+    pods: dict[str, str] = {}
+    for name, (ip4, ip6, _) in PODS.items():
+        ns = lab.ns(name)
+        pods[name] = ns
+        n_if, p_if = lab.veth(node, ns, None, "eth0")
+        lab.exec(node, "ip", "link", "set", n_if, "master", "br0")
+        # What the bridge CNI plugin's hairpinMode does: a pod may reach itself via its Service.
+        lab.exec(node, "bridge", "link", "set", "dev", n_if, "hairpin", "on")
+        lab.addr(ns, p_if, f"{ip4}/24", f"{ip6}/64")
+        lab.route(ns, "default", "via", NODE_BR)
+        lab.exec(ns, "ip", "-6", "route", "add", "default", "via", "fd00:244:1::1")
+        lab.serve(ns, name, POD_PORTS)
+    source = tmp / "source"
+    source.mkdir()
+    return Node(lab, mode, node, client, pods, source, tmp / "agent.log", extra_args)
+
+
+@pytest.fixture(scope="module")
+def node(mode: str) -> Iterator[Node]:
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root (network namespaces, iptables, nftables)")
+    why = _mode_supported(mode)
+    if why:
+        pytest.skip(f"{mode} mode not usable here: {why}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"kpa-kernel-{mode}-"))
+    lab = Lab()
+    try:
+        n = build_node(lab, mode, tmp, [])
+        (n.source / "node.yaml").write_text(yaml.safe_dump(
+            {"kind": "Node", "apiVersion": "v1",
+             "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
+        n.start()
+        yield n
+        n.stop()
+    finally:
+        lab.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- object builders -----------------------------------------------------------------------------
+
+def service(name: str, ips: tuple[str, str] | str, ports: list[dict[str, Any]], ns: str = "default",
+            labels: dict[str, str] | None = None, status: dict[str, Any] | None = None,
+            **spec: Any) -> dict[str, Any]:
+    cips = [ips] if isinstance(ips, str) else list(ips)
+    body: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+        "spec": {"clusterIP": cips[0], "clusterIPs": cips, "ports": ports, **spec},
+    }
+    if status:
+        body["status"] = status
+    return body
+
+
+def endpoint(pod: str, family: int = 4, ready: bool = True, serving: bool | None = None,
+             terminating: bool = False, zones: list[str] | None = None, node: str | None = None) -> dict[str, Any]:
+    ip4, ip6, pod_node = PODS[pod]
+    ep: dict[str, Any] = {
+        "addresses": [ip4 if family == 4 else ip6],
+        "conditions": {"ready": ready, "serving": ready if serving is None else serving,
+                       "terminating": terminating},
+        "nodeName": node or pod_node,
+    }
+    if zones is not None:
+        ep["hints"] = {"forZones": [{"name": z} for z in zones]}
+    return ep
+
+
+def slice_(name: str, svc: str, endpoints: list[dict[str, Any]], ports: list[dict[str, Any]],
+           family: int = 4, ns: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4" if family == 4 else "IPv6",
+        "endpoints": endpoints, "ports": ports,
+    }
+
+
+def who(answers: list[str]) -> set[str]:
+    return {a.split()[0] for a in answers}
