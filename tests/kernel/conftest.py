@@ -7,6 +7,7 @@ on a bridge, and a client outside the node.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -194,8 +195,9 @@ def build_node(lab: Lab, mode: str, tmp: Path, extra_args: list[str]) -> Node:
     return Node(lab, mode, node, client, pods, source, tmp / "agent.log", extra_args)
 
 
-@pytest.fixture(scope="module")
-def node(mode: str) -> Iterator[Node]:
+@contextlib.contextmanager
+def fresh_node(mode: str, extra_args: list[str] | None = None, start: bool = True) -> Iterator[Node]:
+    """A new node world (agent started unless start=False); everything removed afterwards."""
     if os.geteuid() != 0:
         pytest.skip("kernel tests need root (network namespaces, iptables, nftables)")
     why = _mode_supported(mode)
@@ -204,16 +206,23 @@ def node(mode: str) -> Iterator[Node]:
     tmp = Path(tempfile.mkdtemp(prefix=f"kpa-kernel-{mode}-"))
     lab = Lab()
     try:
-        n = build_node(lab, mode, tmp, [])
+        n = build_node(lab, mode, tmp, extra_args or [])
         (n.source / "node.yaml").write_text(yaml.safe_dump(
             {"kind": "Node", "apiVersion": "v1",
              "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
-        n.start()
+        if start:
+            n.start()
         yield n
         n.stop()
     finally:
         lab.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def node(mode: str) -> Iterator[Node]:
+    with fresh_node(mode) as n:
+        yield n
 
 
 # -- object builders -----------------------------------------------------------------------------

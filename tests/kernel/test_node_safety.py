@@ -1,0 +1,157 @@
+"""The agent never breaks a node: foreign rules untouched, drift repaired, failures contained,
+restarts lossless, health and metrics as kube-proxy reports them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_, who
+from tests.kernel.test_behaviour import EP_HTTP, HTTP
+from tests.netlab import wait_for
+
+
+BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+XTABLES = {"filter", "nat", "mangle", "raw", "security"}
+
+
+def _snapshot(n: Node) -> str:
+    """Every rule and chain in the node (iptables both variants, and nft tables other than the
+    iptables-nft compat ones, which iptables-save already shows), in a stable order. Empty
+    built-in tables that iptables-nft creates on first use are not rules and are left out."""
+    out = []
+    for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"):
+        for ln in n.lab.exec(n.node, tool, check=False).splitlines():
+            if ln.startswith("-A") or (ln.startswith(":") and ln[1:].split()[0] not in BUILTIN):
+                out.append(f"{tool}: {ln}")
+    for ln in n.lab.exec(n.node, "nft", "list", "tables").splitlines():
+        family, name = ln.split()[1:3]
+        if not (family in ("ip", "ip6") and name in XTABLES):
+            out.append(n.lab.exec(n.node, "nft", "list", "table", family, name))
+    return "\n".join(sorted(out))
+
+
+def _foreign_rules(n: Node) -> None:
+    ex = n.lab.exec
+    ex(n.node, "iptables", "-t", "nat", "-N", "FOREIGN-CHAIN")
+    ex(n.node, "iptables", "-t", "nat", "-A", "FOREIGN-CHAIN", "-s", "192.0.2.0/24", "-j", "RETURN")
+    ex(n.node, "iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "FOREIGN-CHAIN")
+    ex(n.node, "iptables", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
+    ex(n.node, "ip6tables", "-t", "filter", "-A", "FORWARD", "-p", "udp", "--dport", "5353", "-j", "ACCEPT")
+    ex(n.node, "nft", "add table inet foreign; add chain inet foreign c { type filter hook input priority 5; }; "
+       "add rule inet foreign c tcp dport 2223 accept")
+
+
+def test_foreign_rules_untouched_and_cleanup_is_exact(mode: str) -> None:
+    with fresh_node(mode, start=False) as n:
+        _foreign_rules(n)
+        before = _snapshot(n)
+        n.start()
+        ips = n.cluster_ip()
+        n.apply("svc", [service("svc", ips[0], HTTP), slice_("svc-1", "svc", [endpoint("pod-a")], EP_HTTP)])
+        assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
+        during = _snapshot(n)
+        during_lines = set(during.splitlines())
+        assert "FOREIGN-CHAIN" in before and "dport 2223" in before
+        for line in before.splitlines():
+            assert line in during_lines, f"foreign rule changed while the agent ran: {line}"
+        n.stop()
+        # Stopping keeps the rules: traffic keeps flowing while the agent is down.
+        assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
+        for _ in range(2):  # cleanup twice is fine
+            subprocess.run(["ip", "netns", "exec", n.node, AGENT, "--cleanup", "--proxy-mode", mode],
+                           check=True, capture_output=True)
+        assert _snapshot(n) == before
+
+
+def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
+    with fresh_node(mode, ["--sync-period", "2s"]) as n:
+        ips = n.cluster_ip()
+        n.apply("drift", [service("drift", ips[0], HTTP), slice_("drift-1", "drift", [endpoint("pod-c")], EP_HTTP)])
+        assert n.probe(ips[0], 80, src="pod-a").startswith("pod-c")
+        if mode == "iptables":
+            n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "KPA-SERVICES")
+        else:
+            n.lab.exec(n.node, "nft", "flush table ip kube-proxy-agent")
+        assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
+        assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+
+
+def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:
+    if mode != "iptables":
+        return  # the nftables refusal path is covered in its own module
+    with fresh_node(mode, ["--sync-period", "60s"]) as n:
+        ips = n.cluster_ip()
+        n.apply("ref", [service("ref", ips[0], HTTP),
+                        slice_("ref-1", "ref", [endpoint("pod-a"), endpoint("pod-b")], EP_HTTP)])
+        # Someone else's rule jumps into one of our endpoint chains, so we cannot delete it.
+        save = n.lab.exec(n.node, "iptables-save", "-t", "nat")
+        sep = sorted(set(re.findall(r"KPA-SEP-\w+", save)))[0]
+        n.lab.exec(n.node, "iptables", "-t", "nat", "-N", "FOREIGN")
+        n.lab.exec(n.node, "iptables", "-t", "nat", "-A", "FOREIGN", "-j", sep)
+        failures = n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
+        (n.source / "ref.yaml").write_text((n.source / "ref.yaml").read_text().replace("10.244.1.11", "10.244.1.12")
+                                           .replace("10.244.1.10", "10.244.1.12"))
+        assert wait_for(lambda: n.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total")
+                        > failures, 10), n.log_tail()
+        assert "offending line" in n.log.read_text()
+        # The old rules are still there and still work.
+        assert who(n.answers(ips[0], 80, n=10, src="pod-c")) <= {"pod-a", "pod-b"}
+        # Once the obstacle goes, the retry (a full sync) succeeds.
+        n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "FOREIGN")
+        assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+        n.lab.exec(n.node, "iptables", "-t", "nat", "-X", "FOREIGN")
+
+
+def test_health_and_metrics_like_kube_proxy(mode: str) -> None:
+    with fresh_node(mode) as n:
+        code, body = n.http(10256, "/healthz")
+        doc = json.loads(body)
+        assert code == 200 and doc["lastUpdated"] and doc["currentTime"] and doc["nodeEligible"] is True
+        assert n.http(10256, "/livez")[0] == 200
+        metrics = n.metrics()
+        for name in (
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_network_programming_duration_seconds_bucket",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+        ):
+            assert name in metrics, name
+        assert 'le="0.001"' in metrics
+        if mode == "iptables":
+            assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"}' in metrics
+            assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total" in metrics
+        # A change that carries the EndpointSlice trigger-time annotation is measured.
+        ips = n.cluster_ip()
+        es = slice_("npl-1", "npl", [endpoint("pod-a")], EP_HTTP)
+        es["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time":
+                                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        n.apply("npl", [service("npl", ips[0], HTTP), es])
+        assert n.metric("kubeproxy_network_programming_duration_seconds_count") >= 1
+        # Node being deleted: /healthz says 503, /livez stays 200.
+        (n.source / "node.yaml").write_text(
+            "kind: Node\napiVersion: v1\nmetadata: {name: node1, deletionTimestamp: '2026-01-01T00:00:00Z'}\n")
+        assert wait_for(lambda: n.http(10256, "/healthz")[0] == 503, 10)
+        assert n.http(10256, "/livez")[0] == 200
+
+
+def test_restart_keeps_serving_and_catches_up(mode: str) -> None:
+    with fresh_node(mode) as n:
+        ips = n.cluster_ip()
+        n.apply("rs", [service("rs", ips[0], HTTP), slice_("rs-1", "rs", [endpoint("pod-a")], EP_HTTP)])
+        n.proc.kill()
+        n.proc.wait()
+        # Down: existing rules keep serving.
+        assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
+        (n.source / "rs.yaml").write_text((n.source / "rs.yaml").read_text().replace("10.244.1.10", "10.244.1.12"))
+        n.start()
+        assert wait_for(lambda: n.probe(ips[0], 80, src="pod-b", timeout=0.5).startswith("pod-c"), 10)
