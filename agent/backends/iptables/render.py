@@ -49,12 +49,16 @@ class ServiceRules:
 
 @dataclass(slots=True)
 class RenderResult:
-    text: str
+    batches: list[str]  # restore inputs, applied in order; each one is atomic
     rules: int  # rule lines written, per family
     chains: int
     deleted_chains: int
     per_table: dict[str, int] = field(default_factory=dict)  # rules written per table
     totals: dict[str, int] = field(default_factory=dict)  # rules in each table after the write
+
+    @property
+    def text(self) -> str:
+        return "".join(self.batches)
 
 
 def _proto(p: str) -> str:
@@ -234,6 +238,22 @@ def base_rules(node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
     }
 
 
+def _emit(sections: Mapping[str, tuple[list[str], list[str], list[str]]]) -> str:
+    """One restore input: per table, declarations (which flush), rules, then deletions."""
+    out: list[str] = []
+    for table in C.TABLES:
+        decl, body, gone = sections.get(table, ([], [], []))
+        if not decl and not body and not gone:
+            continue
+        out.append(f"*{table}")
+        out.extend(decl)
+        out.extend(f":{c} - [0:0]" for c in gone)
+        out.extend(body)
+        out.extend(f"-X {c}" for c in gone)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
 class IptablesRenderer:
     """Keeps each service port's rendered rules and what was last written, per family."""
 
@@ -252,12 +272,16 @@ class IptablesRenderer:
         *,
         full: bool,
         existing_chains: Mapping[str, set[str]] | None = None,
+        batch_chains: int = 0,
     ) -> RenderResult:
         """Restore input for one family. `existing_chains` (table -> our chains in the kernel)
-        lets a full sync delete leftovers; a partial sync deletes what it knows it replaced."""
+        lets a full sync delete leftovers; a partial sync deletes what it knows it replaced.
+        `batch_chains` > 0 splits service chains into restores of about that many chains (iptables-nft
+        slows down quadratically with the chains in one restore); 0 writes one restore."""
         node = desired.node
         to_write: set[ServicePortName] = set(desired.services) if full else set(changed)
-        deleted: set[tuple[str, str]] = set()
+        deleted: set[tuple[str, str]] = set()  # deleted after the shared chains stop jumping there
+        dropped: dict[ServicePortName, set[tuple[str, str]]] = {}  # deleted with their service's chains
         for spn in to_write:
             old = self._rules.get(spn)
             plan = desired.services.get(spn)
@@ -267,8 +291,8 @@ class IptablesRenderer:
                     deleted |= old.chain_names()
                 continue
             new = render_service(plan, node)
-            if old is not None:
-                deleted |= old.chain_names() - new.chain_names()
+            if old is not None and old.chain_names() - new.chain_names():
+                dropped[spn] = old.chain_names() - new.chain_names()
             self._rules[spn] = new
         if full:
             for spn in set(self._rules) - set(desired.services):
@@ -296,52 +320,77 @@ class IptablesRenderer:
             for t in C.TABLES:
                 deleted |= {(t, c) for c in existing_chains.get(t, set()) - wanted[t]}
         deleted = {(t, c) for t, c in deleted if c not in wanted[t]}
+        for spn, chains in dropped.items():
+            dropped[spn] = {(t, c) for t, c in chains if c not in wanted[t]}
+        if batch_chains and sum(len(self._rules[s].chain_names()) for s in to_write if s in self._rules) \
+                <= batch_chains:
+            batch_chains = 0  # small enough for one restore: the whole sync stays atomic
 
-        out: list[str] = []
-        n_rules = n_chains = 0
+        # Service chains first, in batches (each batch is one restore: atomic per service port);
+        # then the shared chains that jump to them, base chains, hooks and deletions.
         per_table: dict[str, int] = {}
+        batches: list[str] = []
+        n_rules = n_chains = 0
+        pending: dict[str, tuple[list[str], list[str], list[str]]] = {}
+        pending_chains = 0
+
+        def flush_batch() -> None:
+            nonlocal pending, pending_chains
+            text = _emit(pending)
+            if text:
+                batches.append(text)
+            pending, pending_chains = {}, 0
+
+        for spn in sorted(to_write):
+            r = self._rules.get(spn)
+            if r is None:
+                continue
+            for table, name in dropped.get(spn, ()):
+                pending.setdefault(table, ([], [], []))[2].append(name)
+            for table, owned in r.chains.items():
+                decl, body, _ = pending.setdefault(table, ([], [], []))
+                for cname, crules in owned:
+                    decl.append(f":{cname} - [0:0]")
+                    body.extend(crules)
+                    n_rules += len(crules)
+                    per_table[table] = per_table.get(table, 0) + len(crules)
+                    n_chains += 1
+                    pending_chains += 1
+            if batch_chains and pending_chains >= batch_chains:
+                flush_batch()
+        if batch_chains:
+            flush_batch()
+
+        last: dict[str, tuple[list[str], list[str], list[str]]] = {}
         for table in C.TABLES:
-            decl: list[str] = []
-            body: list[str] = []
+            decl, body, gone = pending.pop(table, ([], [], []))  # service chains, when not batched
+            shared: list[str] = []
             if full:
-                for chain in C.BASE_CHAINS[table]:
-                    decl.append(f":{chain} - [0:0]")
-                for (t, chain), rules in base.items():
-                    if t == table and not chain.endswith("#tail"):
-                        body.extend(rules)
+                decl += [f":{bchain} - [0:0]" for bchain in C.BASE_CHAINS[table]]
+                for (t, bchain), brules in base.items():
+                    if t == table and not bchain.endswith("#tail"):
+                        shared.extend(brules)
             for (t, chain), lines in dispatch_out.items():
                 if t == table:
                     if not full:
                         decl.append(f":{chain} - [0:0]")
-                    body.extend(lines)
-            for spn in sorted(to_write):
-                r = self._rules.get(spn)
-                if r is None:
-                    continue
-                for chain, rules in r.chains.get(table, ()):
-                    decl.append(f":{chain} - [0:0]")
-                    body.extend(rules)
-            gone = sorted(c for t, c in deleted if t == table)
-            decl.extend(f":{c} - [0:0]" for c in gone)
-            if not decl and not body:
-                continue
-            out.append(f"*{table}")
-            out.extend(decl)
-            out.extend(body)
-            out.extend(f"-X {c}" for c in gone)
-            out.append("COMMIT")
-            n_rules += len(body)
-            n_chains += len(decl) - len(gone)
-            per_table[table] = len(body)
+                    shared.extend(lines)
+            if shared:
+                per_table[table] = per_table.get(table, 0) + len(shared)
+            last[table] = (decl, body + shared, sorted(gone + [c for t, c in deleted if t == table]))
+        final = _emit(last)
+        if final:
+            batches.append(final)
+        n_rules = sum(per_table.values())
         totals = {t: sum(len(v) for (tt, c), v in base.items() if tt == t) for t in C.TABLES}
         for r in self._rules.values():
             for t in C.TABLES:
                 totals[t] += r.rule_count(t)
         return RenderResult(
             totals=totals,
-            text="\n".join(out) + "\n" if out else "",
+            batches=batches,
             rules=n_rules,
             chains=n_chains,
-            deleted_chains=len(deleted),
+            deleted_chains=len(deleted) + sum(len(v) for v in dropped.values()),
             per_table=per_table,
         )

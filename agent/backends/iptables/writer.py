@@ -34,6 +34,7 @@ def _offending(text: str, stderr: str) -> str:
 
 class IptablesBackend:
     name: ClassVar[str] = "iptables"
+    BATCH_CHAINS = 2000
 
     def __init__(self, tools: Tools | None = None, families: tuple[int, ...] = (4, 6)) -> None:
         self._tools = tools
@@ -85,15 +86,21 @@ class IptablesBackend:
         for fam in self.families:
             state = desired[fam]
             renderer = self._renderers[fam]
+            # iptables-nft-restore slows down quadratically with the chains in one input, so the
+            # nft variant gets service chains in batches; legacy rewrites its whole table per
+            # call, so it gets one input.
+            batch = 0 if self.tools.variant == "legacy" else self.BATCH_CHAINS
             if full:
                 saved = self._saved(fam)
-                out = renderer.render(state, (), full=True, existing_chains=saved.chains)
-                text = _with_hooks(out.text, self._missing_hooks(saved))
+                out = renderer.render(state, (), full=True, existing_chains=saved.chains, batch_chains=batch)
+                hooks = self._missing_hooks(saved)
+                last = out.batches.pop() if out.batches else ""
+                out.batches.append(_with_hooks(last, hooks))
             else:
-                out = renderer.render(state, changed.get(fam, frozenset()), full=False)
-                text = out.text
-            if text:
-                self._restore(fam, text, renderer, partial=not full)
+                out = renderer.render(state, changed.get(fam, frozenset()), full=False, batch_chains=batch)
+            for text in out.batches:
+                if text:
+                    self._restore(fam, text, renderer, partial=not full)
             _count(result, fam, out)
         return result
 

@@ -143,7 +143,7 @@ def probe_text(family: int) -> str:
             f"add chain {t} post {{ type nat hook postrouting priority 100 ; }}",
             f"add rule {t} post meta mark & 0x4000 == 0x4000 masquerade fully-random",
             f"add chain {t} filter {{ type filter hook input priority 0 ; }}",
-            f"add rule {t} filter ct state new fib daddr type local meta l4proto . th dport 1 reject",
+            f"add rule {t} filter ct state new fib daddr type local tcp dport 1 reject",
         ]
     ) + "\n"
 
@@ -177,8 +177,8 @@ class NftablesBackend:
         nft = self._require()
         for fam in self.families:
             rc, _, err = nft.run(probe_text(fam))
-            drop = f"add table {N.family_keyword(fam)} {N.PROBE_TABLE}\ndelete table {N.family_keyword(fam)} {N.PROBE_TABLE}\n"
-            nft.run(drop)
+            probe = f"{N.family_keyword(fam)} {N.PROBE_TABLE}"
+            nft.run(f"add table {probe}\ndelete table {probe}\n")
             if rc != 0:
                 what, _ = offending(probe_text(fam), err)
                 raise UnsupportedMode(

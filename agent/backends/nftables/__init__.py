@@ -1,0 +1,1 @@
+"""The nftables mode: render.py (DesiredState -> nft transaction, pure), writer.py (libnftables)."""

@@ -1,0 +1,128 @@
+"""`make bench`: a synthetic cluster of 1k and 10k Services x 10 endpoints, per proxy mode.
+
+Prints, per (mode, size): full render time, full sync time into a fresh network namespace, p50/p99
+time for one endpoint change to be in the kernel (incremental sync), and the agent process's peak
+RSS. Each (mode, size) runs in its own process inside its own namespace, so numbers don't mix.
+Needs root. Options: --sizes 1000,10000 --modes iptables,nftables --changes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+from agent.backends.registry import make_backend
+from agent.model.records import from_builtins
+from agent.model.serviceport import NamespacedName
+from agent.model.state import ClusterModel
+
+
+def _ip(base: int, n: int) -> str:
+    v = base + n
+    return f"{v >> 24 & 255}.{v >> 16 & 255}.{v >> 8 & 255}.{v & 255}"
+
+
+SVC_BASE = (10 << 24) | (96 << 16)
+EP_BASE = (10 << 24) | (128 << 16)
+
+
+def service(i: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"clusterIP": _ip(SVC_BASE, i + 1), "ports": [{"name": "http", "port": 80,
+                                                                           "protocol": "TCP"}]}
+    if i % 10 == 0:
+        spec["type"] = "NodePort"
+        spec["ports"][0]["nodePort"] = 30000 + i % 2700
+    return {"metadata": {"name": f"svc-{i}", "namespace": "bench"}, "spec": spec}
+
+
+def eslice(i: int, gen: int = 0, n: int = 10) -> dict[str, Any]:
+    eps = [{"addresses": [_ip(EP_BASE, i * 16 + j + (gen % 6))], "nodeName": f"node{j % 3}"} for j in range(n)]
+    return {"metadata": {"name": f"svc-{i}-abc", "namespace": "bench",
+                         "labels": {"kubernetes.io/service-name": f"svc-{i}"}},
+            "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+
+def inner(mode: str, size: int, changes: int) -> dict[str, float]:
+    model = ClusterModel("node0", ["10.128.0.0/9"])
+    for i in range(size):
+        model.on_service(NamespacedName("bench", f"svc-{i}"), from_builtins("Service", service(i)))  # type: ignore[arg-type]
+        model.on_slice(NamespacedName("bench", f"svc-{i}-abc"), from_builtins("EndpointSlice", eslice(i)))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    update = model.drain()
+    text = make_backend(mode, (4,)).render(model.desired)
+    render_s = time.perf_counter() - t0
+    backend = make_backend(mode, (4,))
+    backend.check_supported()
+    t0 = time.perf_counter()
+    backend.sync(model.desired, update.changed, full=True)
+    full_s = time.perf_counter() - t0
+    lat = []
+    rng = random.Random(1)
+    for gen in range(1, changes + 1):
+        i = rng.randrange(size)
+        t0 = time.perf_counter()
+        model.on_slice(NamespacedName("bench", f"svc-{i}-abc"), from_builtins("EndpointSlice", eslice(i, gen)))  # type: ignore[arg-type]
+        upd = model.drain()
+        backend.sync(model.desired, upd.changed, full=False)
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    t0 = time.perf_counter()
+    backend.sync(model.desired, {}, full=True)
+    resync_s = time.perf_counter() - t0
+    backend.cleanup()
+    return {
+        "render_s": render_s, "render_lines": text.count("\n"), "full_sync_s": full_s, "resync_s": resync_s,
+        "p50_ms": statistics.median(lat) * 1000, "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1000,10000")
+    ap.add_argument("--modes", default="iptables,nftables")
+    ap.add_argument("--changes", type=int, default=50)
+    ap.add_argument("--inner", nargs=2, metavar=("MODE", "SIZE"))
+    args = ap.parse_args()
+    if args.inner:
+        print(json.dumps(inner(args.inner[0], int(args.inner[1]), args.changes)))
+        return 0
+    if os.geteuid() != 0:
+        print("make bench needs root (it programs a scratch network namespace)", file=sys.stderr)
+        return 1
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for mode in args.modes.split(","):
+            ns = f"kpa-bench-{uuid.uuid4().hex[:6]}"
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            try:
+                print(f"bench: {mode} {size} services x 10 endpoints ...", file=sys.stderr, flush=True)
+                proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.bench.bench",
+                                       "--inner", mode, str(size), "--changes", str(args.changes)],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"bench: {mode} {size} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                rows.append((mode, size, json.loads(proc.stdout.strip().splitlines()[-1])))
+            finally:
+                subprocess.run(["ip", "netns", "del", ns], check=False)
+    hdr = f"{'mode':9} {'services':>8} {'render s':>9} {'full sync s':>11} {'resync s':>9} " \
+          f"{'1-ep p50 ms':>11} {'1-ep p99 ms':>11} {'peak RSS MB':>11}"
+    print(hdr)
+    for mode, size, r in rows:
+        print(f"{mode:9} {size:>8} {r['render_s']:>9.2f} {r['full_sync_s']:>11.2f} {r['resync_s']:>9.2f} "
+              f"{r['p50_ms']:>11.1f} {r['p99_ms']:>11.1f} {r['peak_rss_mb']:>11.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
