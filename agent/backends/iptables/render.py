@@ -341,6 +341,15 @@ class IptablesRenderer:
                 batches.append(text)
             pending, pending_chains = {}, 0
 
+        dispatch_chains = {chain for _, chain in DISPATCH}
+        if full:
+            # Chains every service jumps to (masquerade mark, postrouting, forward) come first.
+            for (table, chain), rules in base.items():
+                if chain not in dispatch_chains and not chain.endswith("#tail"):
+                    decl, body, _ = pending.setdefault(table, ([], [], []))
+                    decl.append(f":{chain} - [0:0]")
+                    body.extend(rules)
+                    per_table[table] = per_table.get(table, 0) + len(rules)
         for spn in sorted(to_write):
             r = self._rules.get(spn)
             if r is None:
@@ -366,10 +375,7 @@ class IptablesRenderer:
             decl, body, gone = pending.pop(table, ([], [], []))  # service chains, when not batched
             shared: list[str] = []
             if full:
-                decl += [f":{bchain} - [0:0]" for bchain in C.BASE_CHAINS[table]]
-                for (t, bchain), brules in base.items():
-                    if t == table and not bchain.endswith("#tail"):
-                        shared.extend(brules)
+                decl += [f":{c} - [0:0]" for c in C.BASE_CHAINS[table] if c in dispatch_chains]
             for (t, chain), lines in dispatch_out.items():
                 if t == table:
                     if not full:
