@@ -55,6 +55,7 @@ class SavedTables:
 
     chains: dict[str, set[str]] = field(default_factory=dict)
     hooks: dict[str, list[str]] = field(default_factory=dict)  # table -> "-A CHAIN ... -j KPA-..." lines
+    rules: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, our chain) -> rule count
 
 
 _TABLE = re.compile(r"^\*(\w+)")
@@ -70,7 +71,12 @@ def parse_save(text: str, prefix: str) -> SavedTables:
             out.chains.setdefault(table, set())
             out.hooks.setdefault(table, [])
         elif line.startswith(":" + prefix):
-            out.chains[table].add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A ") and not line.startswith("-A " + prefix) and f"-j {prefix}" in line:
+            name = line[1:].split(" ", 1)[0]
+            out.chains[table].add(name)
+            out.rules.setdefault((table, name), 0)
+        elif line.startswith("-A " + prefix):
+            key = (table, line[3:].split(" ", 1)[0])
+            out.rules[key] = out.rules.get(key, 0) + 1
+        elif line.startswith("-A ") and f"-j {prefix}" in line:
             out.hooks[table].append(line)
     return out

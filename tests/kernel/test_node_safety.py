@@ -77,6 +77,15 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
             n.lab.exec(n.node, "nft", "flush table ip kube-proxy-agent")
         assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
         assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+        if mode == "iptables":
+            # A service's own chain emptied by hand is found (rule counts differ) and rewritten.
+            save = n.lab.exec(n.node, "iptables-save", "-t", "nat")
+            svc_chain = re.search(rf"-d {ips[0]}/32 .* -j (KPA-SVC-\w+)", save)
+            assert svc_chain
+            n.lab.exec(n.node, "iptables", "-t", "nat", "-F", svc_chain.group(1))
+            assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
+            assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+            assert "rules drifted" in n.log.read_text()
 
 
 def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:

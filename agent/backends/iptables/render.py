@@ -260,10 +260,35 @@ class IptablesRenderer:
     def __init__(self) -> None:
         self._rules: dict[ServicePortName, ServiceRules] = {}
         self._dispatch_text: dict[tuple[str, str], str] = {}
+        self._dispatch_count: dict[tuple[str, str], int] = {}
+        # True once a full render has been written and nothing failed since: the kernel should
+        # hold exactly what this renderer last produced, so drift can be found by comparison.
+        self.in_sync = False
+        self._node: NodeContext | None = None
 
     def reset(self) -> None:
         """Forget what was written (after a failed restore): the next render must be full."""
         self._dispatch_text.clear()
+        self._dispatch_count.clear()
+        self.in_sync = False
+
+    def drift(self, rule_counts: Mapping[tuple[str, str], int]) -> set[ServicePortName] | None:
+        """Compare what was written with what the kernel holds (rules per chain of ours, from
+        iptables-save; a missing chain counts as different). Returns the service ports whose chains
+        differ (a shared chain that differs is rewritten with them), or None when a base chain
+        differs or nothing was written yet: then only a full rewrite will do."""
+        if not self.in_sync or self._node is None:
+            return None
+        for (table, chain), rules in base_rules(self._node).items():
+            if not chain.endswith("#tail") and (table, chain) not in DISPATCH \
+                    and rule_counts.get((table, chain)) != len(rules):
+                return None
+        if any(rule_counts.get(key) != n for key, n in self._dispatch_count.items()):
+            self._dispatch_text.clear()
+        return {
+            spn for spn, r in self._rules.items()
+            if any(rule_counts.get((t, name)) != len(rules) for t, cs in r.chains.items() for name, rules in cs)
+        }
 
     def render(
         self,
@@ -275,10 +300,11 @@ class IptablesRenderer:
         batch_chains: int = 0,
     ) -> RenderResult:
         """Restore input for one family. `existing_chains` (table -> our chains in the kernel)
-        lets a full sync delete leftovers; a partial sync deletes what it knows it replaced.
+        lets a sync delete leftovers; otherwise it deletes what it knows it replaced.
         `batch_chains` > 0 splits service chains into restores of about that many chains (iptables-nft
         slows down quadratically with the chains in one restore); 0 writes one restore."""
         node = desired.node
+        self._node = node
         to_write: set[ServicePortName] = set(desired.services) if full else set(changed)
         deleted: set[tuple[str, str]] = set()  # deleted after the shared chains stop jumping there
         dropped: dict[ServicePortName, set[tuple[str, str]]] = {}  # deleted with their service's chains
@@ -311,12 +337,13 @@ class IptablesRenderer:
             if full or self._dispatch_text.get(key) != text:
                 dispatch_out[key] = lines
                 self._dispatch_text[key] = text
+                self._dispatch_count[key] = len(lines)
 
         wanted: dict[str, set[str]] = {t: set(C.BASE_CHAINS[t]) for t in C.TABLES}
         for spn in order:
             for t, name in self._rules[spn].chain_names():
                 wanted[t].add(name)
-        if full and existing_chains is not None:
+        if existing_chains is not None:
             for t in C.TABLES:
                 deleted |= {(t, c) for c in existing_chains.get(t, set()) - wanted[t]}
         deleted = {(t, c) for t, c in deleted if c not in wanted[t]}

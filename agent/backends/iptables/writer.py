@@ -91,8 +91,21 @@ class IptablesBackend:
             # call, so it gets one input.
             batch = 0 if self.tools.variant == "legacy" else self.BATCH_CHAINS
             if full:
+                # A periodic full sync first compares the kernel with what was written and rewrites
+                # only what differs (a chain flushed or deleted by hand, a missing jump); a complete
+                # rewrite happens at start-up, after a failure, or when a base chain drifted.
                 saved = self._saved(fam)
-                out = renderer.render(state, (), full=True, existing_chains=saved.chains, batch_chains=batch)
+                drifted = renderer.drift(saved.rules)
+                if drifted is None:
+                    out = renderer.render(state, (), full=True, existing_chains=saved.chains,
+                                          batch_chains=batch)
+                else:
+                    todo = drifted | set(changed.get(fam, frozenset()))
+                    if drifted:
+                        log.warning("rules drifted from what was written; repairing family=IPv%d "
+                                    "service_ports=%d", fam, len(drifted))
+                    out = renderer.render(state, todo, full=False, existing_chains=saved.chains,
+                                          batch_chains=batch)
                 hooks = self._missing_hooks(saved)
                 last = out.batches.pop() if out.batches else ""
                 out.batches.append(_with_hooks(last, hooks))
@@ -101,6 +114,8 @@ class IptablesBackend:
             for text in out.batches:
                 if text:
                     self._restore(fam, text, renderer, partial=not full)
+            if full:
+                renderer.in_sync = True
             _count(result, fam, out)
         return result
 

@@ -19,6 +19,7 @@ NO_ENDPOINT_EXTERNAL = "no-endpoint-external"  # external and load-balancer IPs 
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # node ports likewise
 FIREWALL_IPS = "firewall-ips"  # load-balancer IP . proto . port -> loadBalancerSourceRanges chain
 NODEPORT_IPS = "nodeport-ips"  # set of addresses taking node ports, only with --nodeport-addresses
+CLUSTER_CIDRS = "cluster-cidrs"  # interval set, only when a family has several cluster CIDRs
 
 # map name -> True when keyed by address . proto . port, False when by proto . port
 MAPS: tuple[tuple[str, bool], ...] = (
@@ -64,7 +65,6 @@ BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
 FIXED_CHAINS: frozenset[str] = frozenset(
     {SERVICES, MARK_MASQ, MASQUERADING, REJECT} | {c[0] for c in BASE_CHAINS}
 )
-FIXED_SETS: frozenset[str] = frozenset({m for m, _ in MAPS} | {NODEPORT_IPS})
 
 
 def family_keyword(family: int) -> str:

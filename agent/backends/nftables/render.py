@@ -85,13 +85,27 @@ def _addr_type(family: int) -> str:
     return "ipv4_addr" if family == 4 else "ipv6_addr"
 
 
-def _cidrs(cidrs: Iterable[str]) -> str:
-    """One prefix, or an anonymous set of collapsed prefixes (nft refuses overlapping intervals)."""
+def collapse(cidrs: Iterable[str]) -> list[str]:
+    """Prefixes merged where they overlap or touch (nft refuses overlapping intervals)."""
     nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     v4 = ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv4Network))
     v6 = ipaddress.collapse_addresses(n for n in nets if isinstance(n, ipaddress.IPv6Network))
-    out = [str(n) for n in (*v4, *v6)]
+    return [str(n) for n in (*v4, *v6)]
+
+
+def _cidrs(cidrs: Iterable[str]) -> str:
+    """One prefix, or an anonymous set of them."""
+    out = collapse(cidrs)
     return out[0] if len(out) == 1 else "{ " + ", ".join(out) + " }"
+
+
+def cluster_cidrs_match(node: NodeContext) -> str:
+    """How rules name the cluster CIDRs: one prefix inline, several through the named set (an
+    anonymous set in every service chain would cost a kernel set each), nothing when none."""
+    out = collapse(node.cluster_cidrs)
+    if len(out) > 1:
+        return f"@{N.CLUSTER_CIDRS}"
+    return out[0] if out else ""
 
 
 def _key(ip: str, proto: str, port: int) -> str:
@@ -138,17 +152,24 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         chains.append((sep, tuple(rules)))
 
     cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
+    pods = cluster_cidrs_match(node)
 
     def spread(eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
         rules: list[str] = []
         if node.masquerade_all:
             rules.append(f"{cluster_match} jump {N.MARK_MASQ}")
-        elif node.cluster_cidrs:
-            rules.append(f"{cluster_match} {ip} saddr != {_cidrs(node.cluster_cidrs)} jump {N.MARK_MASQ}")
+        elif pods:
+            rules.append(f"{cluster_match} {ip} saddr != {pods} jump {N.MARK_MASQ}")
         if info.affinity_seconds:
             rules += [f"{ip} saddr @{aff_names[e.address]} goto {sep_names[e.address]}" for e in eps]
-        targets = ", ".join(f"{i} : goto {sep_names[e.address]}" for i, e in enumerate(eps))
-        rules.append(f"numgen random mod {len(eps)} vmap {{ {targets} }}")
+        # Uniform choice as a cascade (like iptables' statistic rules): endpoint i is taken with
+        # probability 1/(n-i) among those left. Not `numgen random mod n vmap { ... }`: every such
+        # vmap is an anonymous set, and the kernel looks sets up by walking the table's set list,
+        # so a full sync of 10k services took 84 s instead of 5 s.
+        n = len(eps)
+        for i, e in enumerate(eps[:-1]):
+            rules.append(f"numgen random mod {n - i} == 0 goto {sep_names[e.address]}")
+        rules.append(f"goto {sep_names[eps[-1].address]}")
         return tuple(rules)
 
     if plan.cluster:
@@ -170,8 +191,8 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         ext_rules: list[str] = []
         if info.external_policy_local:
             if plan.cluster:
-                if node.cluster_cidrs:
-                    ext_rules.append(f"{ip} saddr {_cidrs(node.cluster_cidrs)} goto {svc_chain}")
+                if pods:
+                    ext_rules.append(f"{ip} saddr {pods} goto {svc_chain}")
                 ext_rules.append(f"fib saddr type local jump {N.MARK_MASQ}")
                 ext_rules.append(f"fib saddr type local goto {svc_chain}")
             if plan.local:
@@ -265,6 +286,17 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
 BASE_CHAIN_COUNT = len(N.FIXED_CHAINS)
 
 
+def node_sets(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """Node-wide named sets this node needs: (name, extra flags, members)."""
+    out: list[tuple[str, str, tuple[str, ...]]] = []
+    if node.nodeport_ips is not None:
+        out.append((N.NODEPORT_IPS, "", tuple(node.nodeport_ips)))
+    cidrs = collapse(node.cluster_cidrs)
+    if len(cidrs) > 1:
+        out.append((N.CLUSTER_CIDRS, " flags interval ;", tuple(cidrs)))
+    return tuple(out)
+
+
 def _element_block(verb: str, t: str, mapname: str, items: list[str]) -> list[str]:
     if not items:
         return []
@@ -354,9 +386,7 @@ class NftRenderer:
             )
 
         wanted_chains = set(N.FIXED_CHAINS)
-        wanted_sets = {m for m, _ in N.MAPS}
-        if node.nodeport_ips is not None:
-            wanted_sets.add(N.NODEPORT_IPS)
+        wanted_sets = {m for m, _ in N.MAPS} | {name for name, _, _ in node_sets(node)}
         for s in memo.values():
             wanted_chains.update(name for name, _ in s.chains)
             wanted_sets.update(name for name, _ in s.sets)
@@ -371,8 +401,8 @@ class NftRenderer:
             for s in old_memo.values():
                 stale_chains.update(name for name, _ in s.chains)
                 stale_sets.update(name for name, _ in s.sets)
-            if old_node is not None and old_node.nodeport_ips is not None:
-                stale_sets.add(N.NODEPORT_IPS)
+            if old_node is not None:
+                stale_sets.update(name for name, _, _ in node_sets(old_node))
             stale_chains -= wanted_chains
             stale_sets -= wanted_sets
 
@@ -387,12 +417,12 @@ class NftRenderer:
             lines.append(f"add map {t} {mapname} {{ type {key_t} : verdict ; }}")
             if not self.recreate:
                 lines.append(f"flush map {t} {mapname}")
-        if node.nodeport_ips is not None:
-            lines.append(f"add set {t} {N.NODEPORT_IPS} {{ type {addr_t} ; }}")
+        for name, flags, members in node_sets(node):
+            lines.append(f"add set {t} {name} {{ type {addr_t} ;{flags} }}")
             if not self.recreate:
-                lines.append(f"flush set {t} {N.NODEPORT_IPS}")
-            if node.nodeport_ips:
-                lines.append(f"add element {t} {N.NODEPORT_IPS} {{ {', '.join(node.nodeport_ips)} }}")
+                lines.append(f"flush set {t} {name}")
+            if members:
+                lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
         # Nothing references leftovers any more: the flushes above removed every rule and element.
         lines += [f"delete chain {t} {c}" for c in sorted(stale_chains)]
         lines += [f"delete set {t} {s}" for s in sorted(stale_sets)]

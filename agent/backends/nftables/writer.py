@@ -136,7 +136,7 @@ def probe_text(family: int) -> str:
             f"add rule {t} sep meta l4proto tcp dnat to {dest}",
             f"add chain {t} svc",
             f"add rule {t} svc {ip} saddr @a goto sep",
-            f"add rule {t} svc numgen random mod 1 vmap {{ 0 : goto sep }}",
+            f"add rule {t} svc numgen random mod 2 == 0 goto sep",
             f"add element {t} m {{ {addr} . tcp . 80 : goto svc }}",
             f"add chain {t} nat {{ type nat hook prerouting priority -100 ; }}",
             f"add rule {t} nat {ip} daddr . meta l4proto . th dport vmap @m",
