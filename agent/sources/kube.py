@@ -35,7 +35,7 @@ class Resource:
     field_selector: str = ""
 
 
-class _ListMeta(msgspec.Struct, rename="camel"):
+class _ListMeta(msgspec.Struct, rename="camel", frozen=True):
     resource_version: str = ""
     continue_: str = msgspec.field(default="", name="continue")
 
@@ -56,7 +56,7 @@ class _Event(msgspec.Struct):
     object: msgspec.Raw = msgspec.Raw(b"{}")
 
 
-class _BookmarkMeta(msgspec.Struct, rename="camel"):
+class _BookmarkMeta(msgspec.Struct, rename="camel", frozen=True):
     resource_version: str = ""
 
 
