@@ -1,5 +1,7 @@
 """Names of everything the nftables mode owns: one table per family, fixed maps and chains, and
-per-service-port chains and sets named from a hash of the ServicePortName (like iptables/chains.py).
+per-service-port chains (and per-endpoint affinity sets) named from a hash of the ServicePortName
+(like iptables/chains.py). Names must not be nft keywords ("fwd", "ne", ...): every name here has
+a dash or a hash in it.
 """
 
 from __future__ import annotations
@@ -11,24 +13,27 @@ TABLE = "kube-proxy-agent"
 PROBE_TABLE = "kube-proxy-agent-probe"
 MASQ_MARK = "0x4000"
 
-# Verdict maps (and the one plain set), in the order they are declared.
+# Maps and sets whose elements come from service ports, in the order they are declared.
 SERVICE_IPS = "service-ips"  # daddr . proto . port -> cluster IP, external IP and load-balancer IP chains
 SERVICE_NODEPORTS = "service-nodeports"  # proto . port -> external chain
 NO_ENDPOINT_SERVICES = "no-endpoint-services"  # cluster IPs with nothing to DNAT to -> reject / drop
 NO_ENDPOINT_EXTERNAL = "no-endpoint-external"  # external and load-balancer IPs likewise
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # node ports likewise
 FIREWALL_IPS = "firewall-ips"  # load-balancer IP . proto . port -> loadBalancerSourceRanges chain
-NODEPORT_IPS = "nodeport-ips"  # set of addresses taking node ports, only with --nodeport-addresses
+HAIRPIN = "hairpin"  # set of endpoint . endpoint: a DNATed packet an endpoint sent to itself
+# Node-wide sets.
+NODEPORT_IPS = "nodeport-ips"  # addresses taking node ports, only with --nodeport-addresses
 CLUSTER_CIDRS = "cluster-cidrs"  # interval set, only when a family has several cluster CIDRs
 
-# map name -> True when keyed by address . proto . port, False when by proto . port
-MAPS: tuple[tuple[str, bool], ...] = (
-    (SERVICE_IPS, True),
-    (SERVICE_NODEPORTS, False),
-    (NO_ENDPOINT_SERVICES, True),
-    (NO_ENDPOINT_EXTERNAL, True),
-    (NO_ENDPOINT_NODEPORTS, False),
-    (FIREWALL_IPS, True),
+# (name, key, verdict map?) where key is "addr.proto.port", "proto.port" or "addr.addr".
+MAPS: tuple[tuple[str, str, bool], ...] = (
+    (SERVICE_IPS, "addr.proto.port", True),
+    (SERVICE_NODEPORTS, "proto.port", True),
+    (NO_ENDPOINT_SERVICES, "addr.proto.port", True),
+    (NO_ENDPOINT_EXTERNAL, "addr.proto.port", True),
+    (NO_ENDPOINT_NODEPORTS, "proto.port", True),
+    (FIREWALL_IPS, "addr.proto.port", True),
+    (HAIRPIN, "addr.addr", False),
 )
 
 # Regular chains shared by all services.
@@ -91,12 +96,8 @@ def endpoint_hash(spn: str, protocol: str, endpoint: str) -> str:
 
 def service_chain(kind: str, spn: str, protocol: str) -> str:
     """svc- (cluster endpoints), svl- (local endpoints), ext- (external traffic) or fw- (source
-    ranges) chain of one service port."""
+    ranges) chain of one service port. Endpoints have no chains: their DNAT sits in svc/svl."""
     return f"{kind}-{service_hash(spn, protocol)}"
-
-
-def endpoint_chain(spn: str, protocol: str, endpoint: str) -> str:
-    return f"sep-{endpoint_hash(spn, protocol, endpoint)}"
 
 
 def affinity_set(spn: str, protocol: str, endpoint: str, seconds: int) -> str:

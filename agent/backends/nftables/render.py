@@ -8,15 +8,19 @@ Layout of `table ip kube-proxy-agent` (and `ip6`, identical but for addresses):
          no-endpoint-external   external / load-balancer IPs likewise
          no-endpoint-nodeports  node ports likewise
          firewall-ips           load-balancer IP . proto . port : goto fw- chain
-  set    nodeport-ips           (only with --nodeport-addresses) addresses that take node ports
+  sets   hairpin                endpoint . endpoint, for every endpoint address
+         nodeport-ips           (only with --nodeport-addresses) addresses that take node ports
+         cluster-cidrs          (only with several cluster CIDRs in the family)
   chains nat-prerouting, nat-output -> services: one vmap lookup, then the node-port lookup
          nat-postrouting -> masquerading: masquerade fully-random what carries mark 0x4000
          firewall-prerouting, firewall-output (filter, -110, before DNAT): firewall-ips
-         filter-input, filter-forward, filter-output (filter, 0): ct state new lookups in the
-           no-endpoint maps, then (forward) accept marked and established traffic
-  per service port: svc-H (cluster endpoints), svl-H (local endpoints), ext-H (external traffic),
-         fw-H (loadBalancerSourceRanges); per endpoint sep-E (hairpin mark, affinity update, DNAT)
-         and, with sessionAffinity, a dynamic set aff-E-<seconds>.
+         filter-input, filter-forward, filter-output (filter, 0, after DNAT): ct state new
+           lookups in the no-endpoint maps, the hairpin mark, then (forward) accept marked and
+           established traffic
+  per service port: svc-H (cluster endpoints), svl-H (local endpoints): masquerade mark, affinity
+         checks, then a numgen cascade whose rules DNAT; ext-H (external traffic), fw-H
+         (loadBalancerSourceRanges); with sessionAffinity a dynamic set aff-E-<seconds> per
+         endpoint.
 
 Each service port renders to a `ServiceNft` (its sets, chains and map elements), cached between
 syncs. A full render rewrites the table in one transaction (flush table, flush maps, declare
@@ -67,6 +71,7 @@ class Existing:
 
     chains: frozenset[str] = frozenset()
     sets: frozenset[str] = frozenset()
+    maps: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -131,25 +136,27 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
     def element(mapname: str, key: str, verdict: str, comment: str) -> None:
         elements.setdefault((mapname, key), (verdict, comment))  # a repeated IP keeps its first use
 
-    # Endpoint chains, shared by the cluster (svc) and local (svl) chains.
+    # What choosing an endpoint does, shared by the cluster (svc) and local (svl) chains: refresh
+    # the client's affinity, DNAT. Endpoints get no chain of their own: every chain in the table
+    # costs each later transaction (nft 1.0 dumps all chains before adding a rule or element, and
+    # the kernel revalidates every reachable rule), and 100k endpoint chains made a one-endpoint
+    # sync take 700 ms at 10k services. Hairpin traffic is marked by the `hairpin` set instead.
     endpoints: dict[str, EndpointInfo] = {}
     for ep in sorted(plan.all_endpoints, key=lambda e: (e.ip, e.port)):
         endpoints.setdefault(ep.address, ep)
-    sep_names: dict[str, str] = {}
+    actions: dict[str, str] = {}
     aff_names: dict[str, str] = {}
     for address, ep in endpoints.items():
-        sep = N.endpoint_chain(spn, info.protocol, address)
-        sep_names[address] = sep
-        rules = [f"{ip} saddr {ep.ip} jump {N.MARK_MASQ}"]
+        update = ""
         if info.affinity_seconds:
             aff = N.affinity_set(spn, info.protocol, address, info.affinity_seconds)
             aff_names[address] = aff
             sets.append(
                 (aff, f"{{ typeof {ip} saddr ; flags dynamic,timeout ; timeout {info.affinity_seconds}s ; }}")
             )
-            rules.append(f"update @{aff} {{ {ip} saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {address}")
-        chains.append((sep, tuple(rules)))
+            update = f" update @{aff} {{ {ip} saddr }}"
+        actions[address] = f"meta l4proto {proto}{update} dnat to {address}"
+        element(N.HAIRPIN, f"{ep.ip} . {ep.ip}", "", "")
 
     cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
     pods = cluster_cidrs_match(node)
@@ -161,15 +168,15 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         elif pods:
             rules.append(f"{cluster_match} {ip} saddr != {pods} jump {N.MARK_MASQ}")
         if info.affinity_seconds:
-            rules += [f"{ip} saddr @{aff_names[e.address]} goto {sep_names[e.address]}" for e in eps]
+            rules += [f"{ip} saddr @{aff_names[e.address]} {actions[e.address]}" for e in eps]
         # Uniform choice as a cascade (like iptables' statistic rules): endpoint i is taken with
         # probability 1/(n-i) among those left. Not `numgen random mod n vmap { ... }`: every such
         # vmap is an anonymous set, and the kernel looks sets up by walking the table's set list,
         # so a full sync of 10k services took 84 s instead of 5 s.
         n = len(eps)
         for i, e in enumerate(eps[:-1]):
-            rules.append(f"numgen random mod {n - i} == 0 goto {sep_names[e.address]}")
-        rules.append(f"goto {sep_names[eps[-1].address]}")
+            rules.append(f"numgen random mod {n - i} == 0 {actions[e.address]}")
+        rules.append(actions[eps[-1].address])
         return tuple(rules)
 
     if plan.cluster:
@@ -210,6 +217,8 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         fronts += [(a, "load balancer IP") for a in info.load_balancer_ips]
         for addr, what in fronts:
             key = _key(addr, proto, info.port)
+            # jump, not goto: an ext chain that does not DNAT returns to `services`, which goes on
+            # to the node-port lookup, as the iptables rules fall through.
             if has_ext:
                 element(N.SERVICE_IPS, key, f"jump {ext_chain}", f"{spn} {what}")
             if ext_verdict:
@@ -252,6 +261,9 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         f"ct state new fib daddr type local {ports} @{N.NO_ENDPOINT_NODEPORTS}",
     )
     no_ep_services = f"ct state new {lookup} @{N.NO_ENDPOINT_SERVICES}"
+    # An endpoint that reached itself through a service: masquerade it (iptables marks this in
+    # the endpoint chain; here the DNATed addresses are checked after nat, before forward/output).
+    hairpin = f"ct state new ct status dnat {ip} saddr . {ip} daddr @{N.HAIRPIN} jump {N.MARK_MASQ}"
     rules: dict[str, tuple[str, ...]] = {
         N.MARK_MASQ: (f"meta mark set meta mark | {N.MASQ_MARK}",),
         N.MASQUERADING: (
@@ -270,10 +282,11 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         N.FILTER_FORWARD: (
             *no_ep_external,
             no_ep_services,
+            hairpin,
             f"meta mark & {N.MASQ_MARK} == {N.MASQ_MARK} accept",
             "ct state established,related accept",
         ),
-        N.FILTER_OUTPUT: (no_ep_services,),
+        N.FILTER_OUTPUT: (no_ep_services, hairpin),
     }
     out: list[tuple[str, str, tuple[str, ...]]] = [
         (name, "", rules[name]) for name in (N.MARK_MASQ, N.MASQUERADING, N.REJECT, N.SERVICES)
@@ -305,7 +318,16 @@ def _element_block(verb: str, t: str, mapname: str, items: list[str]) -> list[st
 
 def _add_item(key: str, value: ElemValue) -> str:
     verdict, comment = value
-    return f"{key} {_comment(comment)} : {verdict}"
+    return f"{key} {_comment(comment)} : {verdict}" if verdict else key
+
+
+def _key_type(family: int, key: str) -> str:
+    addr = _addr_type(family)
+    return {
+        "addr.proto.port": f"{addr} . inet_proto . inet_service",
+        "proto.port": "inet_proto . inet_service",
+        "addr.addr": f"{addr} . {addr}",
+    }[key]
 
 
 def _chain_lines(t: str, name: str, rules: tuple[str, ...]) -> list[str]:
@@ -325,7 +347,7 @@ class NftRenderer:
         # (map, key) -> {service port: value}; the kernel holds the smallest service port's value,
         # as the iptables mode's first matching rule (services in sorted order) would win.
         self._owners: dict[tuple[str, str], dict[ServicePortName, ElemValue]] = {}
-        self._kernel: dict[str, dict[str, ElemValue]] = {m: {} for m, _ in N.MAPS}
+        self._kernel: dict[str, dict[str, ElemValue]] = {m: {} for m, _, _ in N.MAPS}
         self._node: NodeContext | None = None
         self._chains = 0  # chains and rules owned by service ports
         self._rules = 0
@@ -386,17 +408,19 @@ class NftRenderer:
             )
 
         wanted_chains = set(N.FIXED_CHAINS)
-        wanted_sets = {m for m, _ in N.MAPS} | {name for name, _, _ in node_sets(node)}
+        wanted_sets = {m for m, _, _ in N.MAPS} | {name for name, _, _ in node_sets(node)}
         for s in memo.values():
             wanted_chains.update(name for name, _ in s.chains)
             wanted_sets.update(name for name, _ in s.sets)
         stale_chains: set[str] = set()
         stale_sets: set[str] = set()
+        stale_maps: set[str] = set()
         if self.recreate:
             pass
         elif existing is not None:
             stale_chains = set(existing.chains) - wanted_chains
             stale_sets = set(existing.sets) - wanted_sets
+            stale_maps = set(existing.maps) - wanted_sets
         elif self.known:
             for s in old_memo.values():
                 stale_chains.update(name for name, _ in s.chains)
@@ -412,18 +436,20 @@ class NftRenderer:
         else:
             lines.append(f"flush table {t}")
         addr_t = _addr_type(self.family)
-        for mapname, by_addr in N.MAPS:
-            key_t = f"{addr_t} . inet_proto . inet_service" if by_addr else "inet_proto . inet_service"
-            lines.append(f"add map {t} {mapname} {{ type {key_t} : verdict ; }}")
+        for mapname, key, is_map in N.MAPS:
+            kind, data = ("map", " : verdict") if is_map else ("set", "")
+            lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(self.family, key)}{data} ; }}")
             if not self.recreate:
-                lines.append(f"flush map {t} {mapname}")
+                lines.append(f"flush {kind} {t} {mapname}")
         for name, flags, members in node_sets(node):
             lines.append(f"add set {t} {name} {{ type {addr_t} ;{flags} }}")
             if not self.recreate:
                 lines.append(f"flush set {t} {name}")
             if members:
                 lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
-        # Nothing references leftovers any more: the flushes above removed every rule and element.
+        # Nothing references leftovers any more: the flushes above removed every rule and element
+        # (leftover maps go first: their elements may point at leftover chains).
+        lines += [f"delete map {t} {m}" for m in sorted(stale_maps)]
         lines += [f"delete chain {t} {c}" for c in sorted(stale_chains)]
         lines += [f"delete set {t} {s}" for s in sorted(stale_sets)]
 
@@ -435,7 +461,7 @@ class NftRenderer:
             n_rules += len(rules)
 
         self._owners = {}
-        self._kernel = {m: {} for m, _ in N.MAPS}
+        self._kernel = {m: {} for m, _, _ in N.MAPS}
         self._chains = self._rules = 0
         for spn, s in memo.items():
             lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
@@ -447,7 +473,7 @@ class NftRenderer:
             for mapname, key, verdict, comment in s.elements:
                 self._owners.setdefault((mapname, key), {})[spn] = (verdict, comment)
                 self._kernel[mapname].setdefault(key, (verdict, comment))
-        for mapname, _ in N.MAPS:
+        for mapname, _, _ in N.MAPS:
             items = [_add_item(k, v) for k, v in self._kernel[mapname].items()]
             lines += _element_block("add", t, mapname, items)
             written[mapname] = len(items)
@@ -524,8 +550,8 @@ class NftRenderer:
                     del self._owners[mk]
                     self._kernel[mapname].pop(key, None)
 
-        deletes: dict[str, list[str]] = {m: [] for m, _ in N.MAPS}
-        adds: dict[str, list[str]] = {m: [] for m, _ in N.MAPS}
+        deletes: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
+        adds: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
         for (mapname, key), before in sorted(original.items()):
             after = self._kernel[mapname].get(key)
             if before == after:
@@ -537,17 +563,17 @@ class NftRenderer:
 
         lines = list(add_sets)
         lines += [f"add chain {t} {c}" for c in declare]
-        for mapname, _ in N.MAPS:
+        for mapname, _, _ in N.MAPS:
             lines += _element_block("delete", t, mapname, deletes[mapname])
         lines += [f"flush chain {t} {c}" for c in flush]
         lines += body
-        for mapname, _ in N.MAPS:
+        for mapname, _, _ in N.MAPS:
             lines += _element_block("add", t, mapname, adds[mapname])
         lines += [f"flush chain {t} {c}" for c in remove]
         lines += [f"delete chain {t} {c}" for c in remove]
         lines += del_sets
 
-        written = {m: len(deletes[m]) + len(adds[m]) for m, _ in N.MAPS}
+        written = {m: len(deletes[m]) + len(adds[m]) for m, _, _ in N.MAPS}
         written["chains"] = len(declare) + len(flush) + len(remove)
         written["rules"] = len(body)
         text = "\n".join(lines) + "\n" if lines else ""

@@ -106,7 +106,13 @@ def offending(text: str, stderr: str) -> tuple[str, str]:
         return first, ""
     lines = text.splitlines()
     n = int(m.group(1))
-    return m.group(2), (lines[n - 1].strip() if 0 < n <= len(lines) else "")
+    if not 0 < n <= len(lines):
+        return m.group(2), ""
+    line = lines[n - 1]
+    if line.startswith("\t"):  # one element of a multi-line element block: name the block too
+        head = next((lines[i] for i in range(n - 2, -1, -1) if not lines[i].startswith("\t")), "")
+        line = f"{head} {line.strip().rstrip(',')} }}"
+    return m.group(2), line.strip()
 
 
 def _listed(data: Any, kind: str) -> dict[str, set[str]]:
@@ -130,19 +136,19 @@ def probe_text(family: int) -> str:
         [
             f"add table {t}",
             f"add map {t} m {{ type {addr_t} . inet_proto . inet_service : verdict ; }}",
+            f"add set {t} h {{ type {addr_t} . {addr_t} ; }}",
             f"add set {t} a {{ typeof {ip} saddr ; flags dynamic,timeout ; timeout 10s ; }}",
-            f"add chain {t} sep",
-            f"add rule {t} sep update @a {{ {ip} saddr }}",
-            f"add rule {t} sep meta l4proto tcp dnat to {dest}",
             f"add chain {t} svc",
-            f"add rule {t} svc {ip} saddr @a goto sep",
-            f"add rule {t} svc numgen random mod 2 == 0 goto sep",
-            f"add element {t} m {{ {addr} . tcp . 80 : goto svc }}",
+            f"add rule {t} svc {ip} saddr @a meta l4proto tcp update @a {{ {ip} saddr }} dnat to {dest}",
+            f"add rule {t} svc numgen random mod 2 == 0 meta l4proto tcp dnat to {dest}",
+            f"add element {t} m {{ {addr} . tcp . 80 : jump svc }}",
             f"add chain {t} nat {{ type nat hook prerouting priority -100 ; }}",
+            f"add rule {t} nat {ip} daddr != {addr} fib daddr type local tcp dport 1 accept",
             f"add rule {t} nat {ip} daddr . meta l4proto . th dport vmap @m",
             f"add chain {t} post {{ type nat hook postrouting priority 100 ; }}",
             f"add rule {t} post meta mark & 0x4000 == 0x4000 masquerade fully-random",
-            f"add chain {t} filter {{ type filter hook input priority 0 ; }}",
+            f"add chain {t} filter {{ type filter hook forward priority 0 ; }}",
+            f"add rule {t} filter ct state new ct status dnat {ip} saddr . {ip} daddr @h accept",
             f"add rule {t} filter ct state new fib daddr type local tcp dport 1 reject",
         ]
     ) + "\n"
@@ -192,13 +198,16 @@ class NftablesBackend:
         try:
             chains = _listed(nft.list_json("chains"), "chain")
             sets = _listed(nft.list_json("sets"), "set")
+            maps = _listed(nft.list_json("maps"), "map")
         except (CommandError, ValueError) as exc:
             log.warning("could not list nftables chains; leftovers stay until the next full sync: %s", exc)
             return {}
         out: dict[int, Existing] = {}
         for fam in self.families:
             kw = N.family_keyword(fam)
-            out[fam] = Existing(frozenset(chains.get(kw, set())), frozenset(sets.get(kw, set())))
+            out[fam] = Existing(
+                frozenset(chains.get(kw, set())), frozenset(sets.get(kw, set())), frozenset(maps.get(kw, set()))
+            )
         return out
 
     def sync(

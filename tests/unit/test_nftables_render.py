@@ -1,0 +1,642 @@
+"""The nftables render: DesiredState in, exact nft transaction text out (no kernel).
+
+Each case: the scenario in words, the service ports (ServicePlans as the model would build them),
+and the statements the mode loads for them. Chain and set names are hashes of the service port
+name, so the expected text names them `$svc`, `$ext`, ... and the test fills them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from string import Template
+from typing import Any
+
+import pytest
+
+from agent.backends.base import SyncError, UnsupportedMode
+from agent.backends.nftables import names as N
+from agent.backends.nftables.render import Existing, NftRenderer, render_service
+from agent.backends.nftables.writer import NftablesBackend, offending
+from agent.model.desired import DesiredState, NodeContext, ServicePlan
+from agent.model.endpoints import EndpointInfo
+from agent.model.serviceport import ServicePortInfo, ServicePortName
+
+T4 = "ip kube-proxy-agent"
+NODE4 = NodeContext(family=4, node_name="node-a", cluster_cidrs=("10.244.0.0/16",))
+NODE6 = NodeContext(family=6, node_name="node-a", cluster_cidrs=("fd00:244::/64",))
+
+
+def spn(name: str, port: str = "http", proto: str = "TCP") -> ServicePortName:
+    return ServicePortName("default", name, port, proto)
+
+
+def ep(ip: str, node: str = "node-a", port: int = 8080) -> EndpointInfo:
+    return EndpointInfo(ip, port, node_name=node)
+
+
+def info(
+    name: str, cluster_ip: str = "10.96.0.10", family: int = 4, port: int = 80, **kw: Any
+) -> ServicePortInfo:
+    return ServicePortInfo(spn(name), family, "TCP", port, cluster_ip, **kw)
+
+
+def state(node: NodeContext, *plans: ServicePlan) -> DesiredState:
+    st = DesiredState(node)
+    for p in plans:
+        st.services[p.name] = p
+    return st
+
+
+def names(name: str, *endpoints: EndpointInfo, affinity: int = 0) -> dict[str, str]:
+    s = str(spn(name))
+    out = {kind: N.service_chain(kind, s, "TCP") for kind in ("svc", "svl", "ext", "fw")}
+    for i, e in enumerate(endpoints, 1):
+        out[f"aff{i}"] = N.affinity_set(s, "TCP", e.address, affinity)
+    return out
+
+
+def full_text(node: NodeContext, *plans: ServicePlan) -> str:
+    return NftRenderer(node.family).render(state(node, *plans), (), full=True).text
+
+
+PRELUDE_LINES = len(full_text(NODE4).splitlines())
+
+
+def service_section(text: str) -> str:
+    """What a full render adds for its services, after the fixed maps and chains."""
+    return "\n".join(text.splitlines()[PRELUDE_LINES:]) + "\n"
+
+
+# -- the fixed part -------------------------------------------------------------------------------
+
+PRELUDE = """\
+add table ip kube-proxy-agent
+flush table ip kube-proxy-agent
+add map ip kube-proxy-agent service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent service-ips
+add map ip kube-proxy-agent service-nodeports { type inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent service-nodeports
+add map ip kube-proxy-agent no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent no-endpoint-services
+add map ip kube-proxy-agent no-endpoint-external { type ipv4_addr . inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent no-endpoint-external
+add map ip kube-proxy-agent no-endpoint-nodeports { type inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent no-endpoint-nodeports
+add map ip kube-proxy-agent firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; }
+flush map ip kube-proxy-agent firewall-ips
+add set ip kube-proxy-agent hairpin { type ipv4_addr . ipv4_addr ; }
+flush set ip kube-proxy-agent hairpin
+add chain ip kube-proxy-agent mark-for-masquerade
+add rule ip kube-proxy-agent mark-for-masquerade meta mark set meta mark | 0x4000
+add chain ip kube-proxy-agent masquerading
+add rule ip kube-proxy-agent masquerading meta mark & 0x4000 == 0 return
+add rule ip kube-proxy-agent masquerading meta mark set meta mark ^ 0x4000
+add rule ip kube-proxy-agent masquerading masquerade fully-random
+add chain ip kube-proxy-agent reject-chain
+add rule ip kube-proxy-agent reject-chain reject
+add chain ip kube-proxy-agent services
+add rule ip kube-proxy-agent services ip daddr . meta l4proto . th dport vmap @service-ips
+add rule ip kube-proxy-agent services ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport \
+vmap @service-nodeports
+add chain ip kube-proxy-agent nat-prerouting { type nat hook prerouting priority -100 ; }
+add rule ip kube-proxy-agent nat-prerouting jump services
+add chain ip kube-proxy-agent nat-output { type nat hook output priority -100 ; }
+add rule ip kube-proxy-agent nat-output jump services
+add chain ip kube-proxy-agent nat-postrouting { type nat hook postrouting priority 100 ; }
+add rule ip kube-proxy-agent nat-postrouting jump masquerading
+add chain ip kube-proxy-agent firewall-prerouting { type filter hook prerouting priority -110 ; }
+add rule ip kube-proxy-agent firewall-prerouting ip daddr . meta l4proto . th dport vmap @firewall-ips
+add chain ip kube-proxy-agent firewall-output { type filter hook output priority -110 ; }
+add rule ip kube-proxy-agent firewall-output ip daddr . meta l4proto . th dport vmap @firewall-ips
+add chain ip kube-proxy-agent filter-input { type filter hook input priority 0 ; }
+add rule ip kube-proxy-agent filter-input ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-external
+add rule ip kube-proxy-agent filter-input ct state new fib daddr type local meta l4proto . th dport \
+vmap @no-endpoint-nodeports
+add chain ip kube-proxy-agent filter-forward { type filter hook forward priority 0 ; }
+add rule ip kube-proxy-agent filter-forward ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-external
+add rule ip kube-proxy-agent filter-forward ct state new fib daddr type local meta l4proto . th dport \
+vmap @no-endpoint-nodeports
+add rule ip kube-proxy-agent filter-forward ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule ip kube-proxy-agent filter-forward ct state new ct status dnat ip saddr . ip daddr @hairpin \
+jump mark-for-masquerade
+add rule ip kube-proxy-agent filter-forward meta mark & 0x4000 == 0x4000 accept
+add rule ip kube-proxy-agent filter-forward ct state established,related accept
+add chain ip kube-proxy-agent filter-output { type filter hook output priority 0 ; }
+add rule ip kube-proxy-agent filter-output ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule ip kube-proxy-agent filter-output ct state new ct status dnat ip saddr . ip daddr @hairpin \
+jump mark-for-masquerade
+"""
+
+
+def test_empty_state_is_the_fixed_table() -> None:
+    """No services: one table with empty maps, the dispatch chains hooked, masquerading and the
+    no-endpoint checks in place. Full syncs flush and refill, so affinity sets survive them."""
+    assert full_text(NODE4) == PRELUDE
+
+
+def test_node_port_addresses_and_several_cluster_cidrs_use_named_sets() -> None:
+    """--nodeport-addresses: node ports only on those IPs. Two cluster CIDRs: one interval set,
+    not an anonymous set in every service chain. --masquerade-all: every cluster IP client."""
+    node = dataclasses.replace(
+        NODE4, nodeport_ips=("192.168.1.10",), cluster_cidrs=("10.244.0.0/16", "10.250.0.0/16")
+    )
+    text = full_text(node)
+    assert "add set ip kube-proxy-agent nodeport-ips { type ipv4_addr ; }\n" in text
+    assert "add element ip kube-proxy-agent nodeport-ips { 192.168.1.10 }\n" in text
+    assert (
+        "add rule ip kube-proxy-agent services ip daddr @nodeport-ips meta l4proto . th dport "
+        "vmap @service-nodeports\n" in text
+    )
+    assert "fib daddr type local meta l4proto . th dport vmap @service-nodeports" not in text
+    assert (
+        "add set ip kube-proxy-agent cluster-cidrs { type ipv4_addr ; flags interval ; }\n"
+        "flush set ip kube-proxy-agent cluster-cidrs\n"
+        "add element ip kube-proxy-agent cluster-cidrs { 10.244.0.0/16, 10.250.0.0/16 }\n" in text
+    )
+    plan = ServicePlan(info("web", node_port=30080, external_policy_local=True), (ep("10.244.1.2"),),
+                       (ep("10.244.1.2"),), True)
+    rules = dict(render_service(plan, node).chains)
+    n = names("web")
+    assert rules[n["svc"]][0] == "ip daddr 10.96.0.10 tcp dport 80 ip saddr != @cluster-cidrs jump mark-for-masquerade"
+    assert rules[n["ext"]][0] == f"ip saddr @cluster-cidrs goto {n['svc']}"
+    everyone = dataclasses.replace(node, masquerade_all=True)
+    rules = dict(render_service(plan, everyone).chains)
+    assert rules[n["svc"]][0] == "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"
+
+
+# -- one service port per case --------------------------------------------------------------------
+
+A, B, R = ep("10.244.1.2"), ep("10.244.1.3"), ep("10.244.9.9", node="node-b")
+
+CASES: list[tuple[str, NodeContext, ServicePlan, dict[str, str], str]] = [
+    (
+        "ClusterIP with two endpoints: one map element to the service chain, which masquerades "
+        "clients from outside the cluster CIDR and picks an endpoint uniformly (1/2, then the other)",
+        NODE4,
+        ServicePlan(info("web"), (A, B), has_any=True),
+        names("web"),
+        """\
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.3:8080
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80 comment "default/web:http cluster IP" : jump $svc,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+\t10.244.1.3 . 10.244.1.3,
+}
+""",
+    ),
+    (
+        "NodePort (externalTrafficPolicy Cluster): the node port enters the ext chain, which "
+        "masquerades every external client and goes to the service chain",
+        NODE4,
+        ServicePlan(info("np", node_port=30080), (A,), has_any=True),
+        names("np"),
+        """\
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.2:8080
+add chain ip kube-proxy-agent $ext
+add rule ip kube-proxy-agent $ext jump mark-for-masquerade
+add rule ip kube-proxy-agent $ext goto $svc
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80 comment "default/np:http cluster IP" : jump $svc,
+}
+add element ip kube-proxy-agent service-nodeports {
+\ttcp . 30080 comment "default/np:http node port" : goto $ext,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+}
+""",
+    ),
+    (
+        "No endpoints at all: no chains; the cluster IP, external IP and node port are rejected "
+        "(ICMP port unreachable) from the filter hooks",
+        NODE4,
+        ServicePlan(info("empty", node_port=30081, external_ips=("192.0.2.5",))),
+        names("empty"),
+        """\
+add element ip kube-proxy-agent no-endpoint-services {
+\t10.96.0.10 . tcp . 80 comment "default/empty:http has no endpoints" : goto reject-chain,
+}
+add element ip kube-proxy-agent no-endpoint-external {
+\t192.0.2.5 . tcp . 80 comment "default/empty:http has no endpoints" : goto reject-chain,
+}
+add element ip kube-proxy-agent no-endpoint-nodeports {
+\ttcp . 30081 comment "default/empty:http has no endpoints" : goto reject-chain,
+}
+""",
+    ),
+    (
+        "sessionAffinity ClientIP (30s): a dynamic set per endpoint, checked before the random "
+        "choice and refreshed by whichever rule DNATs",
+        NODE4,
+        ServicePlan(info("sticky", affinity_seconds=30), (A, B), has_any=True),
+        names("sticky", A, B, affinity=30),
+        """\
+add set ip kube-proxy-agent $aff1 { typeof ip saddr ; flags dynamic,timeout ; timeout 30s ; }
+add set ip kube-proxy-agent $aff2 { typeof ip saddr ; flags dynamic,timeout ; timeout 30s ; }
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc ip saddr @$aff1 meta l4proto tcp update @$aff1 { ip saddr } dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc ip saddr @$aff2 meta l4proto tcp update @$aff2 { ip saddr } dnat to 10.244.1.3:8080
+add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp update @$aff1 { ip saddr } \
+dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp update @$aff2 { ip saddr } dnat to 10.244.1.3:8080
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80 comment "default/sticky:http cluster IP" : jump $svc,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+\t10.244.1.3 . 10.244.1.3,
+}
+""",
+    ),
+    (
+        "externalTrafficPolicy Local with a local endpoint: pods and the node itself short-circuit "
+        "to all endpoints (the node masqueraded), external clients go to the local one, unmasqueraded",
+        NODE4,
+        ServicePlan(info("local", node_port=30082, external_policy_local=True), (A, R), (A,), True),
+        names("local"),
+        """\
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.9.9:8080
+add chain ip kube-proxy-agent $svl
+add rule ip kube-proxy-agent $svl ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svl meta l4proto tcp dnat to 10.244.1.2:8080
+add chain ip kube-proxy-agent $ext
+add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
+add rule ip kube-proxy-agent $ext fib saddr type local jump mark-for-masquerade
+add rule ip kube-proxy-agent $ext fib saddr type local goto $svc
+add rule ip kube-proxy-agent $ext goto $svl
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80 comment "default/local:http cluster IP" : jump $svc,
+}
+add element ip kube-proxy-agent service-nodeports {
+\ttcp . 30082 comment "default/local:http node port" : goto $ext,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+\t10.244.9.9 . 10.244.9.9,
+}
+""",
+    ),
+    (
+        "externalTrafficPolicy Local with endpoints only elsewhere: the short-circuits stay, other "
+        "external traffic falls through the ext chain undnatted and is dropped (not rejected)",
+        NODE4,
+        ServicePlan(info("elsewhere", node_port=30083, external_policy_local=True), (R,), (), True),
+        names("elsewhere"),
+        """\
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.9.9:8080
+add chain ip kube-proxy-agent $ext
+add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
+add rule ip kube-proxy-agent $ext fib saddr type local jump mark-for-masquerade
+add rule ip kube-proxy-agent $ext fib saddr type local goto $svc
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80 comment "default/elsewhere:http cluster IP" : jump $svc,
+}
+add element ip kube-proxy-agent service-nodeports {
+\ttcp . 30083 comment "default/elsewhere:http node port" : goto $ext,
+}
+add element ip kube-proxy-agent no-endpoint-nodeports {
+\ttcp . 30083 comment "default/elsewhere:http has no local endpoints" : drop,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.9.9 . 10.244.9.9,
+}
+""",
+    ),
+    (
+        "internalTrafficPolicy Local with no endpoint on this node: the cluster IP drops",
+        NODE4,
+        ServicePlan(info("itp", internal_policy_local=True), (), (), True),
+        names("itp"),
+        """\
+add element ip kube-proxy-agent no-endpoint-services {
+\t10.96.0.10 . tcp . 80 comment "default/itp:http has no endpoints" : drop,
+}
+""",
+    ),
+    (
+        "LoadBalancer with loadBalancerSourceRanges: the LB IP enters the ext chain; before DNAT "
+        "the firewall map sends it to a chain dropping sources outside the (collapsed) ranges",
+        NODE4,
+        ServicePlan(
+            info("lb", node_port=30443, port=443, load_balancer_ips=("198.51.100.7",),
+                 load_balancer_source_ranges=("203.0.113.0/24", "203.0.113.128/25", "192.0.2.0/24")),
+            (B,),
+            has_any=True,
+        ),
+        names("lb"),
+        """\
+add chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 443 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.3:8080
+add chain ip kube-proxy-agent $ext
+add rule ip kube-proxy-agent $ext jump mark-for-masquerade
+add rule ip kube-proxy-agent $ext goto $svc
+add chain ip kube-proxy-agent $fw
+add rule ip kube-proxy-agent $fw ip saddr != { 192.0.2.0/24, 203.0.113.0/24 } drop comment "default/lb:http source \
+not in loadBalancerSourceRanges"
+add element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 443 comment "default/lb:http cluster IP" : jump $svc,
+\t198.51.100.7 . tcp . 443 comment "default/lb:http load balancer IP" : jump $ext,
+}
+add element ip kube-proxy-agent service-nodeports {
+\ttcp . 30443 comment "default/lb:http node port" : goto $ext,
+}
+add element ip kube-proxy-agent firewall-ips {
+\t198.51.100.7 . tcp . 443 comment "default/lb:http" : goto $fw,
+}
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.3 . 10.244.1.3,
+}
+""",
+    ),
+    (
+        "IPv6: the same shapes in table ip6, with ip6 matches and [addr]:port DNAT targets",
+        NODE6,
+        ServicePlan(info("web", "fd00:96::10", 6, node_port=30080), (ep("fd00:244::2"),), has_any=True),
+        names("web"),
+        """\
+add chain ip6 kube-proxy-agent $svc
+add rule ip6 kube-proxy-agent $svc ip6 daddr fd00:96::10 tcp dport 80 ip6 saddr != fd00:244::/64 \
+jump mark-for-masquerade
+add rule ip6 kube-proxy-agent $svc meta l4proto tcp dnat to [fd00:244::2]:8080
+add chain ip6 kube-proxy-agent $ext
+add rule ip6 kube-proxy-agent $ext jump mark-for-masquerade
+add rule ip6 kube-proxy-agent $ext goto $svc
+add element ip6 kube-proxy-agent service-ips {
+\tfd00:96::10 . tcp . 80 comment "default/web:http cluster IP" : jump $svc,
+}
+add element ip6 kube-proxy-agent service-nodeports {
+\ttcp . 30080 comment "default/web:http node port" : goto $ext,
+}
+add element ip6 kube-proxy-agent hairpin {
+\tfd00:244::2 . fd00:244::2,
+}
+""",
+    ),
+]
+
+
+@pytest.mark.parametrize(("scenario", "node", "plan", "subst", "expected"), CASES, ids=lambda v: None)
+def test_service_port_renders_exactly(
+    scenario: str, node: NodeContext, plan: ServicePlan, subst: dict[str, str], expected: str
+) -> None:
+    got = service_section(full_text(node, plan))
+    assert got == Template(expected).substitute(subst), scenario
+
+
+def test_ipv6_prelude_uses_ip6_and_loopback() -> None:
+    text = full_text(NODE6)
+    assert text.startswith("add table ip6 kube-proxy-agent\nflush table ip6 kube-proxy-agent\n")
+    assert "add map ip6 kube-proxy-agent service-ips { type ipv6_addr . inet_proto . inet_service : verdict ; }" in text
+    assert "add set ip6 kube-proxy-agent hairpin { type ipv6_addr . ipv6_addr ; }" in text
+    assert "ip6 daddr != ::1/128 fib daddr type local meta l4proto . th dport vmap @service-nodeports" in text
+    assert " ip " not in text.replace("ip6 ", "")
+
+
+# -- partial syncs ---------------------------------------------------------------------------------
+
+
+def synced(*plans: ServicePlan) -> tuple[NftRenderer, DesiredState]:
+    st = state(NODE4, *plans)
+    r = NftRenderer(4)
+    r.render(st, (), full=True)
+    return r, st
+
+
+def test_partial_render_holds_only_the_changed_service() -> None:
+    """One endpoint of `web` replaced among three services: only web's chain is rewritten and
+    only the hairpin elements of the endpoints that came and went change."""
+    other = ServicePlan(info("other", "10.96.0.20"), (A,), has_any=True)
+    third = ServicePlan(info("third", "10.96.0.30", node_port=30090), (B,), has_any=True)
+    web = ServicePlan(info("web"), (A, B), has_any=True)
+    r, st = synced(other, third, web)
+    C = ep("10.244.1.4")
+    st.services[web.name] = dataclasses.replace(web, cluster=(A, C))
+    out = r.render(st, {web.name}, full=False)
+    n = names("web")
+    assert not out.full
+    assert out.text == Template("""\
+flush chain ip kube-proxy-agent $svc
+add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
+add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.4:8080
+add element ip kube-proxy-agent hairpin {
+\t10.244.1.4 . 10.244.1.4,
+}
+""").substitute(n)  # 10.244.1.3 stays: `third` still uses it
+    for name in ("other", "third"):
+        assert all(c not in out.text for c in names(name).values())
+    assert out.written["chains"] == 1 and out.written["rules"] == 3 and out.written["hairpin"] == 1
+    assert out.totals["service-ips"] == 3 and out.totals["hairpin"] == 3
+
+
+def test_partial_render_of_a_removed_service_deletes_its_chains_and_elements() -> None:
+    web = ServicePlan(info("web", node_port=30080), (A,), has_any=True)
+    r, st = synced(web)
+    del st.services[web.name]
+    out = r.render(st, {web.name}, full=False)
+    assert out.text == Template("""\
+delete element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80,
+}
+delete element ip kube-proxy-agent service-nodeports {
+\ttcp . 30080,
+}
+delete element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+}
+flush chain ip kube-proxy-agent $svc
+flush chain ip kube-proxy-agent $ext
+delete chain ip kube-proxy-agent $svc
+delete chain ip kube-proxy-agent $ext
+""").substitute(names("web"))
+    assert out.totals == {**{m: 0 for m, _, _ in N.MAPS}, "chains": 12, "rules": 22}
+
+
+def test_partial_render_endpoints_gone_swaps_dnat_for_reject() -> None:
+    """Last endpoint gone: the cluster IP moves from service-ips to no-endpoint-services, and the
+    affinity sets go after the chain that used them."""
+    web = ServicePlan(info("web", affinity_seconds=60), (A,), has_any=True)
+    r, st = synced(web)
+    st.services[web.name] = ServicePlan(web.info)
+    n = names("web", A, affinity=60)
+    assert r.render(st, {web.name}, full=False).text == Template("""\
+delete element ip kube-proxy-agent service-ips {
+\t10.96.0.10 . tcp . 80,
+}
+delete element ip kube-proxy-agent hairpin {
+\t10.244.1.2 . 10.244.1.2,
+}
+add element ip kube-proxy-agent no-endpoint-services {
+\t10.96.0.10 . tcp . 80 comment "default/web:http has no endpoints" : goto reject-chain,
+}
+flush chain ip kube-proxy-agent $svc
+delete chain ip kube-proxy-agent $svc
+delete set ip kube-proxy-agent $aff1
+""").substitute(n)
+
+
+def test_unchanged_plan_writes_nothing() -> None:
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    r, st = synced(web)
+    out = r.render(st, {web.name, spn("never-existed")}, full=False)
+    assert out.text == "" and not out.full
+
+
+def test_shared_external_ip_goes_to_the_first_service_and_passes_on() -> None:
+    """Two services claim 192.0.2.9:80 (externalIPs are user-set): the map can hold one, so the
+    first by name wins (as the first iptables rule would); when it goes the other takes over."""
+    a = ServicePlan(info("a", "10.96.0.1", external_ips=("192.0.2.9",)), (A,), has_any=True)
+    b = ServicePlan(info("b", "10.96.0.2", external_ips=("192.0.2.9",)), (B,), has_any=True)
+    r, st = synced(a, b)
+    full = full_text(NODE4, a, b)
+    assert full.count("192.0.2.9 . tcp . 80") == 1
+    assert f'192.0.2.9 . tcp . 80 comment "default/a:http external IP" : jump {names("a")["ext"]}' in full
+    del st.services[a.name]
+    text = r.render(st, {a.name}, full=False).text
+    gone = "delete element ip kube-proxy-agent service-ips {\n\t10.96.0.1 . tcp . 80,\n\t192.0.2.9 . tcp . 80,\n}"
+    assert gone in text
+    assert f'\t192.0.2.9 . tcp . 80 comment "default/b:http external IP" : jump {names("b")["ext"]},' in text
+
+
+def test_node_change_or_unknown_kernel_makes_the_render_full() -> None:
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    r, st = synced(web)
+    st.node = dataclasses.replace(NODE4, masquerade_all=True)
+    assert r.render(st, {web.name}, full=False).full
+    r.reset(full=False)
+    out = r.render(st, (), full=False)
+    assert out.full and out.text.startswith(f"add table {T4}\nflush table {T4}\n")
+    r.reset(full=True)  # a failed full sync: the next one deletes and recreates the table
+    out = r.render(st, (), full=True)
+    assert out.text.startswith(f"add table {T4}\ndelete table {T4}\nadd table {T4}\nadd map ")
+    assert "flush map" not in out.text
+
+
+def test_full_render_deletes_leftovers_listed_from_the_kernel() -> None:
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    st = state(NODE4, web)
+    existing = Existing(
+        chains=frozenset({"services", names("web")["svc"], "sep-old"}),
+        sets=frozenset({"hairpin", "aff-old-10"}),
+        maps=frozenset({"service-ips", "old-map"}),
+    )
+    text = NftRenderer(4).render(st, (), full=True, existing=existing).text
+    deletes = [ln for ln in text.splitlines() if ln.startswith("delete")]
+    assert deletes == [f"delete map {T4} old-map", f"delete chain {T4} sep-old", f"delete set {T4} aff-old-10"]
+
+
+def test_random_partial_renders_agree_with_a_full_render() -> None:
+    """Any sequence of partial renders leaves the renderer (and so the kernel) holding exactly the
+    elements, chains and counts a full render of the final state would."""
+    rng = random.Random(7)
+    ips = [f"10.244.1.{i}" for i in range(2, 12)]
+    shared = ["192.0.2.1", "192.0.2.2"]
+
+    def plan(i: int) -> ServicePlan:
+        eps = tuple(sorted({ep(x) for x in rng.sample(ips, rng.randint(0, 3))}))
+        inf = info(f"s{i}", f"10.96.0.{i + 1}", node_port=rng.choice([0, 30000 + i]),
+                   external_ips=tuple(rng.sample(shared, rng.randint(0, 1))),
+                   affinity_seconds=rng.choice([0, 60]))
+        return ServicePlan(inf, eps, (), bool(eps))
+
+    r, st = synced(*(plan(i) for i in range(8)))
+    for _ in range(200):
+        changed = set()
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randint(0, 9)
+            name = spn(f"s{i}")
+            if rng.random() < 0.3:
+                st.services.pop(name, None)
+            else:
+                st.services[name] = plan(i)
+            changed.add(name)
+        r.render(st, changed, full=False)
+    fresh = NftRenderer(4)
+    full = fresh.render(st, (), full=True)
+    assert r._kernel == fresh._kernel
+    assert r._totals() == full.totals
+
+
+# -- the writer, with a fake nft -------------------------------------------------------------------
+
+
+class FakeNft:
+    name = "fake"
+
+    def __init__(self, rc: int = 0, err: str = "") -> None:
+        self.rc, self.err, self.texts = rc, err, []  # type: ignore[var-annotated]
+
+    def run(self, text: str) -> tuple[int, str, str]:
+        self.texts.append(text)
+        return self.rc, "", self.err
+
+    def list_json(self, what: str) -> object:
+        return {"nftables": [{"chain": {"family": "ip", "table": N.TABLE, "name": "sep-old"}}]}
+
+
+def test_writer_one_transaction_totals_per_family_and_leftovers() -> None:
+    nft = FakeNft()
+    backend = NftablesBackend(nft, families=(4, 6))
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    result = backend.sync({4: state(NODE4, web), 6: state(NODE6)}, {}, full=True)
+    assert len(nft.texts) == 1  # both families, one transaction
+    assert f"delete chain {T4} sep-old" in nft.texts[0]
+    assert result.totals["service-ips"] == 1 and result.totals["service-ips6"] == 0
+    assert result.totals["chains"] == 13 and result.written["rules"] == 24
+
+
+def test_writer_failure_names_the_statement_and_forces_a_full_sync() -> None:
+    text = f"add table {T4}\nadd element {T4} service-ips {{\n\t10.96.0.1 . tcp . 80 : jump svc-x,\n}}\n"
+    err = "/proc/self/fd/7:3:2-21: Error: Could not process rule: No such file or directory\n"
+    assert offending(text, err) == (
+        "Could not process rule: No such file or directory",
+        f"add element {T4} service-ips {{ 10.96.0.1 . tcp . 80 : jump svc-x }}",
+    )
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    desired = {4: state(NODE4, web)}
+    backend = NftablesBackend(FakeNft(), families=(4,))
+    backend.sync(desired, {}, full=True)
+    backend._nft = FakeNft(1, "/dev/stdin:1:1-5: Error: Could not process rule: Device or resource busy\n")
+    desired[4].services[web.name] = dataclasses.replace(web, cluster=(B,))
+    with pytest.raises(SyncError) as exc:
+        backend.sync(desired, {4: frozenset({web.name})}, full=False)
+    assert exc.value.kind == "transaction" and exc.value.partial
+    assert str(exc.value).endswith(
+        "Device or resource busy; offending statement: delete element ip kube-proxy-agent hairpin {"
+    )
+    backend._nft = FakeNft()
+    assert backend.sync(desired, {}, full=False).detail == "IPv4=full"
+
+
+def test_check_supported_without_nft_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.backends.nftables.writer as W
+
+    monkeypatch.setattr(W, "detect_nft", lambda: None)
+    with pytest.raises(UnsupportedMode, match="python3-nftables"):
+        NftablesBackend().check_supported()
+    refused = FakeNft(1, "/proc/self/fd/3:2:1-9: Error: Could not process rule: Operation not supported\n")
+    with pytest.raises(UnsupportedMode, match="Operation not supported"):
+        NftablesBackend(refused, families=(4,)).check_supported()
+    assert refused.texts[-1] == "add table ip kube-proxy-agent-probe\ndelete table ip kube-proxy-agent-probe\n"
+
+
+def test_backend_render_is_the_full_load_per_family() -> None:
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    out = NftablesBackend(FakeNft()).render({4: state(NODE4, web), 6: state(NODE6)})
+    assert out.startswith("# IPv4: input for nft -f\n" + PRELUDE)
+    assert "# IPv6: input for nft -f\nadd table ip6 kube-proxy-agent\n" in out
