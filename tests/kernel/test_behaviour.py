@@ -57,7 +57,7 @@ def test_cluster_ip_udp_and_sctp(node: Node, proto: str) -> None:
 def test_no_endpoints_is_rejected_not_blackholed(node: Node) -> None:
     ips = node.cluster_ip()
     node.apply("empty", [
-        service("empty", ips[0], HTTP + [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        service("empty", ips[0], [*HTTP, {"name": "dns", "port": 53, "protocol": "UDP"}]),
         slice_("empty-1", "empty", [endpoint("pod-a", ready=False)], EP_HTTP),
     ])
     start = time.monotonic()

@@ -12,7 +12,6 @@ from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, sl
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
 from tests.netlab import wait_for
 
-
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
 

@@ -11,6 +11,7 @@ NODEPORTS = "KPA-NODEPORTS"
 EXTERNAL_SERVICES = "KPA-EXTERNAL-SERVICES"
 POSTROUTING = "KPA-POSTROUTING"
 MARK_MASQ = "KPA-MARK-MASQ"
+MASQ_NOT_PODS = "KPA-MASQ-NOT-PODS"  # mark for masquerade unless the source is in a cluster CIDR
 FORWARD = "KPA-FORWARD"
 FIREWALL = "KPA-FIREWALL"
 MASQ_MARK = "0x4000"
@@ -33,7 +34,7 @@ HOOKS: tuple[tuple[str, str, str, str], ...] = (
 
 # Chains that exist whenever the mode runs, per table.
 BASE_CHAINS: dict[str, tuple[str, ...]] = {
-    "nat": (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ),
+    "nat": (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, MASQ_NOT_PODS),
     "filter": (SERVICES, EXTERNAL_SERVICES, FORWARD),
     "mangle": (FIREWALL,),
 }

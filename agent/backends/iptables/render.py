@@ -111,8 +111,10 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
         rules: list[str] = []
         if node.masquerade_all:
             rules.append(f"-A {chain} -d {cip} {match} -j {C.MARK_MASQ}")
-        else:
-            rules += [f"-A {chain} ! -s {cidr} -d {cip} {match} -j {C.MARK_MASQ}" for cidr in node.cluster_cidrs]
+        elif len(node.cluster_cidrs) == 1:
+            rules.append(f"-A {chain} ! -s {node.cluster_cidrs[0]} -d {cip} {match} -j {C.MARK_MASQ}")
+        elif node.cluster_cidrs:  # outside every pod CIDR: one chain returns for each of them
+            rules.append(f"-A {chain} -d {cip} {match} -j {C.MASQ_NOT_PODS}")
         if info.affinity_seconds:
             mask = _mask(fam)
             for ep in eps:
@@ -224,6 +226,10 @@ def base_rules(node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
         ]
     return {
         ("nat", C.MARK_MASQ): (f"-A {C.MARK_MASQ} -j MARK --or-mark {C.MASQ_MARK}",),
+        ("nat", C.MASQ_NOT_PODS): (
+            *(f"-A {C.MASQ_NOT_PODS} -s {cidr} -j RETURN" for cidr in node.cluster_cidrs),
+            f"-A {C.MASQ_NOT_PODS} -j {C.MARK_MASQ}",
+        ),
         ("nat", C.POSTROUTING): (
             f"-A {C.POSTROUTING} -m mark ! --mark {C.MASQ_MARK}/{C.MASQ_MARK} -j RETURN",
             f"-A {C.POSTROUTING} -j MARK --xor-mark {C.MASQ_MARK}",
