@@ -140,7 +140,8 @@ def run_daemon(cfg: AgentConfig) -> int:
                                                   else "in-cluster"), ",".join(cfg.cluster_cidrs) or "-")
     metrics = Metrics()
     health = ProxyHealth(timeout=2 * cfg.sync_period)
-    hc = None if cfg.once else ServiceHealthServers()
+    hc = None if cfg.once else ServiceHealthServers(
+        proxy_healthy=lambda: health.status(check_node=False)[0])
     loop = _loop(cfg, backend, metrics, health, hc)
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")

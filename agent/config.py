@@ -60,6 +60,8 @@ def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
         if item.strip() == "primary":
             continue  # kube-proxy's "primary node IPs" default: treated as every local address
         try:
+            if "/" not in item:
+                raise ValueError("no prefix length")
             out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
         except ValueError as exc:
             raise ConfigError(f"{what}: {item!r} is not a CIDR (e.g. 10.244.0.0/16)") from exc

@@ -82,8 +82,14 @@ class _Server(ThreadingHTTPServer):
 
 def serve(addr: tuple[str, int], respond: Responder) -> _Server:
     srv = _Server(addr, respond)
-    threading.Thread(target=srv.serve_forever, name=f"http-{addr[1]}", daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, name=f"http-{addr[1]}",
+                     daemon=True).start()
     return srv
+
+
+def _stop(srv: _Server) -> None:
+    srv.shutdown()
+    srv.server_close()
 
 
 def health_responder(health: ProxyHealth, on_code: Callable[[str, int], None]) -> Responder:
@@ -108,10 +114,13 @@ class HealthCheckService:
 
 
 class ServiceHealthServers:
-    """One HTTP server per healthCheckNodePort: 200 with the local endpoint count, 503 when none."""
+    """One HTTP server per healthCheckNodePort: 200 with the local endpoint count, 503 when there
+    is none or when the proxy itself is unhealthy (so load balancers steer away from a node whose
+    rules may be stale), like kube-proxy's."""
 
-    def __init__(self, bind_ip: str = "0.0.0.0") -> None:
+    def __init__(self, bind_ip: str = "0.0.0.0", proxy_healthy: Callable[[], bool] = lambda: True) -> None:
         self._bind_ip = bind_ip
+        self._proxy_healthy = proxy_healthy
         self._servers: dict[int, _Server] = {}
         self._state: dict[int, HealthCheckService] = {}
         self._lock = threading.Lock()
@@ -119,11 +128,14 @@ class ServiceHealthServers:
     def update(self, services: Mapping[int, HealthCheckService]) -> None:
         with self._lock:
             self._state = dict(services)
-            for port in set(self._servers) - set(services):
-                srv = self._servers.pop(port)
-                srv.shutdown()
-                srv.server_close()
-                log.info("health check server stopped port=%d", port)
+            stopping = [self._servers.pop(port) for port in set(self._servers) - set(services)]
+            threads = [threading.Thread(target=_stop, args=(srv,), daemon=True) for srv in stopping]
+            for t in threads:  # in parallel: each stop waits for its server's poll interval
+                t.start()
+            for t in threads:
+                t.join()
+            for srv in stopping:
+                log.info("health check server stopped port=%d", srv.server_address[1])
             for port in set(services) - set(self._servers):
                 try:
                     self._servers[port] = serve((self._bind_ip, port), self._responder(port))
@@ -139,12 +151,13 @@ class ServiceHealthServers:
                 svc = self._state.get(port)
             if svc is None:
                 return 503, "{}", {}
+            healthy = self._proxy_healthy()
             body = {
                 "service": {"namespace": svc.namespace, "name": svc.name},
                 "localEndpoints": svc.local_endpoints,
-                "serviceProxyHealthy": True,
+                "serviceProxyHealthy": healthy,
             }
-            code = 200 if svc.local_endpoints > 0 else 503
+            code = 200 if svc.local_endpoints > 0 and healthy else 503
             return code, json.dumps(body), {"X-Load-Balancing-Endpoint-Weight": str(svc.local_endpoints)}
 
         return respond

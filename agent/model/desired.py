@@ -38,6 +38,9 @@ class ServicePlan:
     cluster: tuple[EndpointInfo, ...] = ()
     local: tuple[EndpointInfo, ...] = ()
     has_any: bool = False
+    # Addresses of every endpoint that can serve (ready, or serving while terminating), whatever
+    # the traffic policy or topology: UDP flows to these are kept, flows to any other are stale.
+    serving: frozenset[str] = frozenset()
 
     @property
     def name(self) -> ServicePortName:

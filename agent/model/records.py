@@ -173,6 +173,10 @@ def from_json(kind: str, raw: bytes) -> Record:
     try:
         return msgspec.json.decode(raw, type=typ, strict=False)
     except msgspec.ValidationError as exc:
-        raise DecodeError(f"{kind}: {exc}") from exc
+        try:
+            what = _describe({"kind": kind, **msgspec.json.decode(raw)})
+        except (msgspec.DecodeError, TypeError):
+            what = kind
+        raise DecodeError(f"{what}: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise DecodeError(f"{kind}: malformed JSON: {exc}") from exc

@@ -212,7 +212,8 @@ def service_ports(svc: Service) -> tuple[list[ServicePortInfo], list[Problem]]:
                     affinity_seconds=affinity,
                     external_policy_local=ext_local and ext_ok,
                     internal_policy_local=int_local,
-                    health_check_node_port=(spec.health_check_node_port if ext_local and ext_ok else 0),
+                    health_check_node_port=(spec.health_check_node_port
+                                            if ext_local and (ext_ok or spec.type == "LoadBalancer") else 0),
                 )
             )
     return out, problems

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.model.desired import ChangedPorts, DesiredState, NodeContext, ServicePlan
-from agent.model.endpoints import EndpointInfo, SliceInfo, merge_slices, slice_info
+from agent.model.endpoints import SliceInfo, merge_slices, slice_info
 from agent.model.records import ZONE_LABEL, EndpointSlice, Node, Service
 from agent.model.serviceport import (
     NamespacedName,
@@ -125,8 +125,9 @@ class ClusterModel:
     def _context(self, family: int) -> NodeContext:
         fam_cidrs = tuple(c for c in self._cidrs if ipaddress.ip_network(c, strict=False).version == family)
         nodeport_ips: tuple[str, ...] | None = None
-        if self._nodeport_cidrs:
-            nets = [ipaddress.ip_network(c, strict=False) for c in self._nodeport_cidrs]
+        nets = [n for n in (ipaddress.ip_network(c, strict=False) for c in self._nodeport_cidrs)
+                if n.version == family]
+        if nets:  # a family without CIDRs of its own keeps NodePorts on every address (kube-proxy)
             nodeport_ips = tuple(
                 ip for ip in self._local_ips
                 if ipaddress.ip_address(ip).version == family
@@ -194,7 +195,8 @@ class ClusterModel:
             for info in ports:
                 eps = merged.get((family, (info.name.port, info.protocol)), ())
                 cat = categorize(info, eps, ctx.node_name, ctx.zone)
-                new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any)
+                serving = frozenset(e.ip for e in eps if e.ready or e.serving)
+                new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any, serving)
             for spn in by_service.get(svc, []):
                 if spn not in new_plans:
                     old = state.services.pop(spn)
@@ -223,15 +225,13 @@ def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[Stale
     if either is None or either.info.protocol != "UDP":
         return
     info = either.info
-    old_eps: frozenset[EndpointInfo] = old.all_endpoints if old else frozenset()
-    new_eps: frozenset[EndpointInfo] = new.all_endpoints if new else frozenset()
-    new_ips = {e.ip for e in new_eps}
+    old_ips = old.serving if old else frozenset()
+    new_ips = new.serving if new else frozenset()
     if old is not None:
-        for ep in old_eps:
-            if ep.ip not in new_ips:
-                for front, port in _frontends(old.info):
-                    out.append(StaleFlow(info.family, front, port, ep.ip))
-    if new is not None and new_eps and not old_eps:
+        for ip in sorted(old_ips - new_ips):
+            for front, port in _frontends(old.info):
+                out.append(StaleFlow(info.family, front, port, ip))
+    if new is not None and new_ips and not old_ips:
         # Packets sent while there was no endpoint created conntrack entries that go nowhere.
         for front, port in _frontends(new.info):
             out.append(StaleFlow(info.family, front, port, None))

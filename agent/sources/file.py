@@ -44,7 +44,7 @@ def load(path: Path) -> tuple[dict[str, dict[NamespacedName, Record]], list[Prob
     for f in _files(path):
         try:
             docs = list(_documents(f))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
             problems.append(Problem("File", str(f), "unreadable", f"cannot parse: {exc}"))
             continue
         for doc in docs:
@@ -97,8 +97,11 @@ class FileSource:
         """Load, then re-load whenever the files change, until stop()."""
         self.load_once()
         while not self._stop.wait(self.poll):
-            if os.path.exists(self.path) and _stamp(self.path) != self._stamp:
-                self.load_once()
+            try:
+                if os.path.exists(self.path) and _stamp(self.path) != self._stamp:
+                    self.load_once()
+            except Exception:  # keep watching; the next change gets another chance
+                log.exception("reloading the source failed path=%s; keeping the last objects", self.path)
 
     def start(self) -> None:
         threading.Thread(target=self.run, name="file-source", daemon=True).start()

@@ -17,6 +17,10 @@ class Clock(Protocol):
 
 @dataclass(slots=True)
 class Schedule:
+    """When to sync, like kube-proxy's BoundedFrequencyRunner: never twice within `min_interval`,
+    a full run at least every `max_interval`, and after a failure nothing until `retry_interval`
+    has passed, when the failed run (full if it was full) is retried."""
+
     min_interval: float
     max_interval: float
     retry_interval: float
@@ -24,6 +28,7 @@ class Schedule:
     last_full: float | None = None
     requested: float | None = None
     retry_at: float | None = None
+    retry_full: bool = False
 
     def request(self, now: float) -> None:
         if self.requested is None:
@@ -33,27 +38,32 @@ class Schedule:
         """(run now?, must it be full?, seconds to wait otherwise)."""
         if self.last_run is None:
             return True, True, 0.0
-        assert self.last_full is not None
-        full_at = self.last_full + self.max_interval
+        earliest = self.last_run + self.min_interval
+        full_at = earliest if self.last_full is None else max(self.last_full + self.max_interval, earliest)
+        if self.retry_at is not None:
+            # A new request still runs after min_interval; otherwise wait for the retry.
+            at = earliest if self.requested is not None else max(self.retry_at, earliest)
+            if now >= at:
+                return True, self.retry_full or now >= full_at, 0.0
+            return False, False, at - now
         if now >= full_at:
             return True, True, 0.0
-        candidates = [full_at]
-        earliest = self.last_run + self.min_interval
         if self.requested is not None:
             if now >= earliest:
                 return True, False, 0.0
-            candidates.append(earliest)
-        if self.retry_at is not None:
-            if now >= self.retry_at and now >= earliest:
-                return True, False, 0.0
-            candidates.append(max(self.retry_at, earliest))
-        return False, False, max(0.0, min(candidates) - now)
+            return False, False, min(earliest, full_at) - now
+        return False, False, full_at - now
 
     def done(self, started: float, ok: bool, full: bool) -> None:
         self.last_run = started
-        if (ok and full) or self.last_full is None:
-            self.last_full = started
-        self.retry_at = None if ok else started + self.retry_interval
+        if ok:
+            self.retry_at = None
+            self.retry_full = False
+            if full:
+                self.last_full = started
+        else:
+            self.retry_at = started + self.retry_interval
+            self.retry_full = self.retry_full or full
 
 
 class Runner:

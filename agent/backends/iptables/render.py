@@ -323,8 +323,15 @@ class IptablesRenderer:
                     deleted |= old.chain_names()
                 continue
             new = render_service(plan, node)
-            if old is not None and old.chain_names() - new.chain_names():
-                dropped[spn] = old.chain_names() - new.chain_names()
+            if old is not None:
+                unused = old.chain_names() - new.chain_names()
+                # Endpoint chains are jumped to only from this port's own chains, rewritten in the
+                # same batch; the others (SVC, SVL, EXT, FW) are jumped to from the shared chains,
+                # rewritten last, so they can only be deleted after that.
+                mine = {(t, c) for t, c in unused if c.startswith(C.PREFIX + "SEP-")}
+                if mine:
+                    dropped[spn] = mine
+                deleted |= unused - mine
             self._rules[spn] = new
         if full:
             for spn in set(self._rules) - set(desired.services):

@@ -1,0 +1,472 @@
+"""ChangeTracker (previous/current per key, changes that end where they began dropped) and
+ClusterModel (records in, DesiredState per family out, recomputing only what changed).
+
+The model is fed record dicts, exactly as a source would after reading the API or a YAML file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.model.records import EndpointSlice, Service, from_builtins
+from agent.model.serviceport import NamespacedName, Problem, ServicePortName
+from agent.model.state import ClusterModel, StaleFlow, Update
+from agent.model.tracker import ChangeTracker
+
+# -- ChangeTracker ---------------------------------------------------------------------------
+
+
+def test_update_then_drain_commits() -> None:
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("a", 1)
+    assert t.pending == 1
+    assert dict(t.committed) == {}
+    assert t.drain() == {"a": (None, 1)}
+    assert dict(t.committed) == {"a": 1}
+    assert t.keys() == {"a"}
+    assert t.pending == 0
+    assert t.drain() == {}  # drained once
+
+
+def test_change_then_revert_is_dropped() -> None:
+    """An object that flaps back to its committed value causes no sync."""
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("a", 1)
+    t.drain()
+    t.update("a", 2)
+    t.update("a", 1)
+    assert t.pending == 0
+    assert t.drain() == {}
+
+
+def test_add_then_delete_before_a_drain_is_dropped() -> None:
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("a", 1)
+    t.update("a", None)
+    assert t.pending == 0
+    assert t.drain() == {}
+    assert "a" not in t.committed
+
+
+def test_several_updates_keep_the_committed_previous() -> None:
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("a", 1)
+    t.drain()
+    t.update("a", 2)
+    t.update("a", 3)
+    assert t.drain() == {"a": (1, 3)}
+    assert t.committed["a"] == 3
+
+
+def test_delete() -> None:
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("a", 1)
+    t.update("b", 2)
+    t.drain()
+    t.update("a", None)
+    assert t.drain() == {"a": (1, None)}
+    assert dict(t.committed) == {"b": 2}
+
+
+def test_deleting_an_unknown_key_is_no_change() -> None:
+    t: ChangeTracker[str, int] = ChangeTracker()
+    t.update("ghost", None)
+    assert t.pending == 0
+
+
+# -- ClusterModel ----------------------------------------------------------------------------
+
+NODE = "node-a"
+
+
+def service(name: str, cluster_ips: list[str], ports: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "kind": "Service",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": {"clusterIP": cluster_ips[0], "clusterIPs": cluster_ips, "ports": ports, **spec},
+    }
+
+
+def endpoint(ip: str, *, node: str = "node-b", hints: list[str] | None = None,
+             **conditions: bool) -> dict[str, Any]:
+    ep: dict[str, Any] = {"addresses": [ip], "nodeName": node, "conditions": conditions}
+    if hints is not None:
+        ep["hints"] = {"forZones": [{"name": z} for z in hints]}
+    return ep
+
+
+def endpoint_slice(name: str, svc: str, endpoints: list[dict[str, Any]], ports: list[dict[str, Any]],
+                   address_type: str = "IPv4", trigger: str = "") -> dict[str, Any]:
+    annotations = {"endpoints.kubernetes.io/last-change-trigger-time": trigger} if trigger else {}
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {"namespace": "shop", "name": name, "labels": {"kubernetes.io/service-name": svc},
+                     "annotations": annotations},
+        "addressType": address_type,
+        "endpoints": endpoints,
+        "ports": ports,
+    }
+
+
+def node(zone: str = "", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": NODE, "labels": {"topology.kubernetes.io/zone": zone} if zone else {}}
+    if deleting:
+        meta["deletionTimestamp"] = "2024-05-01T11:00:00Z"
+    return {"kind": "Node", "metadata": meta}
+
+
+class Cluster:
+    """A ClusterModel fed the way a source feeds it: decoded records per namespace/name."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.model = ClusterModel(NODE, **kwargs)
+        self.problems: list[Problem] = []
+
+    def apply(self, *objs: dict[str, Any]) -> Cluster:
+        for obj in objs:
+            rec = from_builtins(obj["kind"], obj)
+            key = NamespacedName(obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            if isinstance(rec, Service):
+                self.problems += self.model.on_service(key, rec)
+            elif isinstance(rec, EndpointSlice):
+                self.problems += self.model.on_slice(key, rec)
+            else:
+                self.model.on_node(rec)
+        return self
+
+    def delete(self, kind: str, name: str) -> None:
+        key = NamespacedName("shop", name)
+        if kind == "Service":
+            self.model.on_service(key, None)
+        else:
+            self.model.on_slice(key, None)
+
+    def drain(self) -> Update:
+        return self.model.drain()
+
+    def endpoints(self, spn: ServicePortName, family: int = 4) -> list[str]:
+        return [e.address for e in self.model.desired[family].services[spn].cluster]
+
+
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP"}]
+EP_HTTP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+EP_DNS = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+
+
+def spn(name: str, port: str = "http", proto: str = "TCP") -> ServicePortName:
+    return ServicePortName("shop", name, port, proto)
+
+
+def test_first_drain_is_full_and_builds_plans() -> None:
+    """A Service and its slice: the first drain is a full one (node context is new) and plans the port."""
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP),
+                        endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    u = c.drain()
+    assert u.full
+    assert u.changed == {4: frozenset({spn("web")}), 6: frozenset()}
+    assert (u.services_changed, u.endpoints_changed) == (1, 1)
+    assert c.endpoints(spn("web")) == ["10.244.1.5:8080"]
+    assert c.model.pending == (0, 0)
+
+
+def test_drain_without_changes_changes_nothing() -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP))
+    c.drain()
+    u = c.drain()
+    assert not u.full
+    assert u.changed == {4: frozenset(), 6: frozenset()}
+
+
+def test_drain_returns_only_changed_ports_per_family() -> None:
+    """A dual-stack Service with two ports; the IPv4 slice moves its dns target port: only the IPv4
+    plan of the dns port changes, the http port and the whole IPv6 side are untouched."""
+    ports = HTTP + DNS
+    c = Cluster().apply(
+        service("web", ["10.96.0.10", "fd00:96::a"], ports),
+        endpoint_slice("web-v4", "web", [endpoint("10.244.1.5")], EP_HTTP + EP_DNS),
+        endpoint_slice("web-v6", "web", [endpoint("fd00:244::5")], EP_HTTP + EP_DNS, address_type="IPv6"),
+    )
+    first = c.drain()
+    assert first.changed[4] == first.changed[6] == frozenset({spn("web"), spn("web", "dns", "UDP")})
+    c.apply(endpoint_slice("web-v4", "web", [endpoint("10.244.1.5")],
+                           [*EP_HTTP, {"name": "dns", "port": 5354, "protocol": "UDP"}]))
+    u = c.drain()
+    assert not u.full
+    assert u.changed == {4: frozenset({spn("web", "dns", "UDP")}), 6: frozenset()}
+    assert c.endpoints(spn("web", "dns", "UDP")) == ["10.244.1.5:5354"]
+    assert c.endpoints(spn("web", "dns", "UDP"), family=6) == ["[fd00:244::5]:5353"]
+
+
+def test_one_endpoint_change_touches_only_its_service() -> None:
+    c = Cluster().apply(
+        service("web", ["10.96.0.10"], HTTP), endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP),
+        service("db", ["10.96.0.20"], HTTP), endpoint_slice("db-1", "db", [endpoint("10.244.2.5")], EP_HTTP),
+    )
+    c.drain()
+    before_db = c.model.desired[4].services[spn("db")]
+    c.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.6")], EP_HTTP))
+    u = c.drain()
+    assert u.changed[4] == frozenset({spn("web")})
+    assert (u.services_changed, u.endpoints_changed) == (0, 1)
+    assert c.model.desired[4].services[spn("db")] is before_db  # not even recomputed into a new object
+
+
+def test_slice_changes_that_do_not_change_the_plan_report_nothing() -> None:
+    """A new slice resourceVersion with the same endpoints (say, a label change) changes no plan."""
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP),
+                        endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    es = endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP)
+    es["metadata"]["resourceVersion"] = "99"
+    c.apply(es)
+    assert c.drain().changed[4] == frozenset()
+
+
+def test_node_zone_change_is_a_full_recompute() -> None:
+    """Topology hints: when this node's zone label appears, every plan is recomputed and the hinted
+    endpoint for this zone is chosen."""
+    c = Cluster().apply(
+        node(),
+        service("web", ["10.96.0.10"], HTTP),
+        endpoint_slice("web-1", "web", [endpoint("10.244.1.5", hints=["zone-a"]),
+                                        endpoint("10.244.2.5", hints=["zone-b"])], EP_HTTP),
+    )
+    c.drain()
+    assert c.endpoints(spn("web")) == ["10.244.1.5:8080", "10.244.2.5:8080"]
+    c.apply(node(zone="zone-a"))
+    u = c.drain()
+    assert u.full
+    assert u.changed[4] == frozenset({spn("web")})
+    assert c.model.desired[4].node.zone == "zone-a"
+    assert c.endpoints(spn("web")) == ["10.244.1.5:8080"]
+
+
+def test_same_node_again_is_not_a_full_sync() -> None:
+    c = Cluster().apply(node(zone="zone-a"))
+    c.drain()
+    c.apply(node(zone="zone-a"))
+    assert not c.drain().full
+
+
+def test_node_being_deleted() -> None:
+    c = Cluster().apply(node(zone="zone-a"))
+    assert not c.model.node_deleting
+    c.apply(node(zone="zone-a", deleting=True))
+    assert c.model.node_deleting
+
+
+def test_service_deletion_removes_its_plans() -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10", "fd00:96::a"], HTTP),
+                        endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    c.delete("Service", "web")
+    u = c.drain()
+    assert u.changed == {4: frozenset({spn("web")}), 6: frozenset({spn("web")})}
+    assert c.model.desired[4].services == {}
+    assert c.model.desired[6].services == {}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"clusterIP": "None", "clusterIPs": ["None"]}, id="becomes-headless"),
+        pytest.param({"type": "ExternalName", "externalName": "db.example.com"}, id="becomes-ExternalName"),
+    ],
+)
+def test_service_no_longer_proxied_removes_its_plans(change: dict[str, Any]) -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP))
+    c.drain()
+    svc = service("web", ["10.96.0.10"], HTTP)
+    svc["spec"].update(change)
+    c.apply(svc)
+    assert c.drain().changed[4] == frozenset({spn("web")})
+    assert c.model.desired[4].services == {}
+
+
+def test_slice_deletion_leaves_the_service_without_endpoints() -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP),
+                        endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    c.delete("EndpointSlice", "web-1")
+    assert c.drain().changed[4] == frozenset({spn("web")})
+    plan = c.model.desired[4].services[spn("web")]
+    assert (plan.cluster, plan.has_any) == ((), False)
+
+
+def test_slice_relabelled_to_another_service_moves_its_endpoints() -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP), service("db", ["10.96.0.20"], HTTP),
+                        endpoint_slice("shared", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    c.apply(endpoint_slice("shared", "db", [endpoint("10.244.1.5")], EP_HTTP))
+    u = c.drain()
+    assert u.changed[4] == frozenset({spn("web"), spn("db")})
+    assert c.endpoints(spn("web")) == []
+    assert c.endpoints(spn("db")) == ["10.244.1.5:8080"]
+
+
+def test_slice_arriving_before_its_service() -> None:
+    """Watches race: the slice may come first; the plan appears with the Service."""
+    c = Cluster().apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    assert c.drain().changed[4] == frozenset()
+    c.apply(service("web", ["10.96.0.10"], HTTP))
+    assert c.drain().changed[4] == frozenset({spn("web")})
+    assert c.endpoints(spn("web")) == ["10.244.1.5:8080"]
+
+
+def test_problems_and_trigger_times() -> None:
+    """Invalid parts come back from on_service/on_slice; duplicate endpoints with different state come
+    back from drain(); last-change-trigger-time annotations are collected for the latency metric."""
+    c = Cluster().apply(
+        service("web", ["10.96.0.10"], [*HTTP, {"name": "bad", "port": 0}]),
+        endpoint_slice("web-1", "web", [endpoint("10.244.1.5", ready=False)], EP_HTTP,
+                       trigger="2024-05-01T10:00:00Z"),
+        endpoint_slice("web-2", "web", [endpoint("10.244.1.5"), endpoint("nope")], EP_HTTP),
+    )
+    assert sorted((p.kind, p.reason) for p in c.problems) == [("EndpointSlice", "invalid_ip"),
+                                                             ("Service", "invalid_port")]
+    u = c.drain()
+    assert u.trigger_times == ["2024-05-01T10:00:00Z"]
+    assert [(p.object, p.reason) for p in u.problems] == [("shop/web", "duplicate_endpoint")]
+    assert c.endpoints(spn("web")) == ["10.244.1.5:8080"]  # the ready copy
+
+
+def test_nodeport_addresses_follow_local_ips() -> None:
+    """--nodeport-addresses 192.168.0.0/16: only this node's addresses inside it take NodePorts; a new
+    address is a node-wide change, hence a full sync."""
+    c = Cluster(nodeport_cidrs=["192.168.0.0/16"])
+    seen: list[tuple[str, ...] | None] = []
+    c.model.set_local_ips(["10.0.0.1", "192.168.1.10"])
+    assert c.drain().full
+    seen.append(c.model.desired[4].node.nodeport_ips)
+    c.model.set_local_ips(["10.0.0.1", "192.168.1.10"])
+    assert not c.drain().full
+    c.model.set_local_ips(["10.0.0.1", "192.168.1.10", "192.168.2.20"])
+    assert c.drain().full
+    seen.append(c.model.desired[4].node.nodeport_ips)
+    assert seen == [("192.168.1.10",), ("192.168.1.10", "192.168.2.20")]
+
+
+def test_without_nodeport_addresses_every_local_address_takes_node_ports() -> None:
+    c = Cluster()
+    c.model.set_local_ips(["10.0.0.1"])
+    c.drain()
+    assert c.model.desired[4].node.nodeport_ips is None
+    assert c.model.desired[6].node.nodeport_ips is None
+
+
+def test_nodeport_addresses_of_one_family_leave_the_other_family_open() -> None:
+    c = Cluster(nodeport_cidrs=["192.168.0.0/16"])
+    c.model.set_local_ips(["192.168.1.10", "2001:db8::10"])
+    c.drain()
+    assert c.model.desired[4].node.nodeport_ips == ("192.168.1.10",)
+    assert c.model.desired[6].node.nodeport_ips is None
+
+
+def test_cluster_cidrs_are_split_per_family() -> None:
+    c = Cluster(cluster_cidrs=["10.244.0.0/16", "fd00:244::/48"], masquerade_all=True)
+    assert c.model.desired[4].node.cluster_cidrs == ("10.244.0.0/16",)
+    assert c.model.desired[6].node.cluster_cidrs == ("fd00:244::/48",)
+    assert c.model.desired[4].node.masquerade_all
+
+
+# -- stale UDP flows -------------------------------------------------------------------------
+
+UDP_SVC = service("dns", ["10.96.0.53"], [{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+                  type="NodePort", externalIPs=["192.0.2.53"])
+
+
+def test_udp_endpoint_removed_flushes_its_flows_on_every_frontend() -> None:
+    """A UDP endpoint goes away: conntrack entries DNATed to it would keep sending packets into the
+    void, so they are deleted for the cluster IP, the external IP and the node port (any address)."""
+    c = Cluster().apply(UDP_SVC, endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5"), endpoint("10.244.1.6")],
+                                                 EP_DNS))
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("10.244.1.6")], EP_DNS))
+    u = c.drain()
+    assert sorted(u.stale_flows, key=repr) == sorted([
+        StaleFlow(4, "10.96.0.53", 53, "10.244.1.5"),
+        StaleFlow(4, "192.0.2.53", 53, "10.244.1.5"),
+        StaleFlow(4, None, 30053, "10.244.1.5"),
+    ], key=repr)
+
+
+def test_udp_endpoint_turning_unready_flushes_its_flows() -> None:
+    c = Cluster().apply(UDP_SVC, endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5"), endpoint("10.244.1.6")],
+                                                 EP_DNS))
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5", ready=False), endpoint("10.244.1.6")], EP_DNS))
+    assert {f.endpoint_ip for f in c.drain().stale_flows} == {"10.244.1.5"}
+
+
+def test_udp_service_gaining_its_first_endpoint_flushes_black_holed_flows() -> None:
+    """While a UDP Service had no endpoint, clients' packets created conntrack entries that go
+    nowhere; when the first endpoint appears they are deleted (any endpoint)."""
+    c = Cluster().apply(UDP_SVC)
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5")], EP_DNS))
+    u = c.drain()
+    assert sorted(u.stale_flows, key=repr) == sorted([
+        StaleFlow(4, "10.96.0.53", 53, None),
+        StaleFlow(4, "192.0.2.53", 53, None),
+        StaleFlow(4, None, 30053, None),
+    ], key=repr)
+
+
+def test_udp_service_deleted_flushes_flows_to_its_endpoints() -> None:
+    c = Cluster().apply(service("dns", ["10.96.0.53"], DNS),
+                        endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5")], EP_DNS))
+    c.drain()
+    c.delete("Service", "dns")
+    assert c.drain().stale_flows == [StaleFlow(4, "10.96.0.53", 53, "10.244.1.5")]
+
+
+def test_udp_endpoint_added_to_a_serving_service_flushes_nothing() -> None:
+    c = Cluster().apply(service("dns", ["10.96.0.53"], DNS),
+                        endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5")], EP_DNS))
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5"), endpoint("10.244.1.6")], EP_DNS))
+    assert c.drain().stale_flows == []
+
+
+def test_ipv6_udp_flows() -> None:
+    c = Cluster().apply(service("dns", ["fd00:96::53"], DNS),
+                        endpoint_slice("dns-1", "dns", [endpoint("fd00:244::5"), endpoint("fd00:244::6")], EP_DNS,
+                                       address_type="IPv6"))
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("fd00:244::6")], EP_DNS, address_type="IPv6"))
+    assert c.drain().stale_flows == [StaleFlow(6, "fd00:96::53", 53, "fd00:244::5")]
+
+
+def test_tcp_produces_no_stale_flows() -> None:
+    """TCP connections to a gone endpoint are reset by the kernel; only UDP needs the cleanup."""
+    c = Cluster().apply(service("web", ["10.96.0.10"], HTTP))
+    c.drain()
+    c.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    assert c.drain().stale_flows == []
+    c.apply(endpoint_slice("web-1", "web", [], EP_HTTP))
+    assert c.drain().stale_flows == []
+
+
+def test_udp_endpoint_terminating_but_serving_keeps_its_flows() -> None:
+    """A DNS pod is being deleted (terminating, still serving) while another is ready: existing UDP
+    clients keep talking to it until it stops serving."""
+    c = Cluster().apply(UDP_SVC, endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5"), endpoint("10.244.1.6")],
+                                                 EP_DNS))
+    c.drain()
+    c.apply(endpoint_slice("dns-1", "dns", [endpoint("10.244.1.5", ready=False, serving=True, terminating=True),
+                                            endpoint("10.244.1.6")], EP_DNS))
+    assert c.drain().stale_flows == []
+
+
+def test_desired_table_is_printable() -> None:
+    c = Cluster().apply(service("web", ["10.96.0.10"], [{"name": "http", "port": 80, "nodePort": 30080}],
+                                type="NodePort", sessionAffinity="ClientIP"),
+                        endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    assert c.model.desired[4].table() == (
+        "# IPv4 node=node-a services=1\n"
+        "shop/web:http 10.96.0.10:80/TCP nodePort 30080 -> 10.244.1.5:8080 affinity=10800s\n"
+    )
