@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 from agent.model.endpoints import EndpointInfo
 from agent.model.serviceport import ServicePortInfo, ServicePortName
 
 ChangedPorts = frozenset[ServicePortName]
+
+# What a mode does with traffic no endpoint can take (Unserved), and the steps of the chain that
+# external traffic (node ports, external and load-balancer IPs) enters (ExternalStep).
+Unserved = Literal["drop", "reject"]
+ExternalStep = Literal[
+    "pods-to-cluster",  # from a cluster CIDR: cluster endpoints, no masquerade (ETP Local short circuit)
+    "node-to-cluster",  # from the node itself: masquerade, then cluster endpoints (ETP Local)
+    "masquerade-to-cluster",  # everyone: masquerade, then cluster endpoints (ETP Cluster)
+    "to-local",  # everyone else: local endpoints, client address kept (ETP Local)
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +70,39 @@ class ServicePlan:
     @property
     def all_endpoints(self) -> frozenset[EndpointInfo]:
         return frozenset(self.cluster) | frozenset(self.local)
+
+    def _unserved(self, endpoints: tuple[EndpointInfo, ...]) -> Unserved | None:
+        if endpoints:
+            return None
+        # Endpoints exist elsewhere but not for this traffic (a Local policy): drop, as kube-proxy
+        # does, so the client retries another node; no endpoint at all: reject, so it fails fast.
+        return "drop" if self.has_any else "reject"
+
+    @property
+    def internal_unserved(self) -> Unserved | None:
+        """What happens to traffic for the cluster IP when no endpoint takes it."""
+        return self._unserved(self.internal_endpoints)
+
+    @property
+    def external_unserved(self) -> Unserved | None:
+        """What happens to external traffic that the external chain does not send anywhere."""
+        return self._unserved(self.external_endpoints)
+
+    @property
+    def unserved_reason(self) -> str:
+        return "no local endpoints" if self.has_any else "no endpoints"
+
+    @property
+    def external_steps(self) -> tuple[ExternalStep, ...]:
+        """The external chain, in order (empty: there is no external chain)."""
+        if not self.info.externally_accessible:
+            return ()
+        if not self.info.external_policy_local:
+            return ("masquerade-to-cluster",) if self.cluster else ()
+        steps: list[ExternalStep] = ["pods-to-cluster", "node-to-cluster"] if self.cluster else []
+        if self.local:
+            steps.append("to-local")
+        return tuple(steps)
 
 
 @dataclass(slots=True)

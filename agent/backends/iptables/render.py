@@ -17,7 +17,8 @@ from agent.model.endpoints import EndpointInfo
 from agent.model.serviceport import ServicePortName
 
 # Shared chains whose content is the concatenation of every service port's lines.
-REJECT = "-j REJECT"  # ICMP port unreachable: the client sees "connection refused" at once
+# ICMP port unreachable for reject: the client sees "connection refused" at once.
+VERDICT = {"drop": "-j DROP", "reject": "-j REJECT"}
 
 DISPATCH: tuple[tuple[str, str], ...] = (
     ("nat", C.SERVICES),
@@ -146,7 +147,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
             f"-A {C.SERVICES} -d {cip} {match} {_comment(f'{spn} cluster IP')} -j {internal_chain}"
         )
     else:
-        verdict = "-j DROP" if plan.has_any else REJECT
+        verdict = VERDICT[plan.internal_unserved or "reject"]
         d[("filter", C.SERVICES)].append(
             f"-A {C.SERVICES} -d {cip} {match} {_comment(f'{spn} has no endpoints')} {verdict}"
         )
@@ -154,22 +155,23 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
     # External traffic: node ports, external IPs, load-balancer IPs all enter the EXT chain.
     if info.externally_accessible:
         ext_rules: list[str] = []
-        if info.external_policy_local:
-            if plan.cluster:
+        for step in plan.external_steps:
+            if step == "pods-to-cluster":
                 ext_rules += [f"-A {ext_chain} -s {cidr} -j {svc_chain}" for cidr in node.cluster_cidrs]
+            elif step == "node-to-cluster":
                 ext_rules.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {C.MARK_MASQ}")
                 ext_rules.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {svc_chain}")
-            if plan.local:
+            elif step == "masquerade-to-cluster":
+                ext_rules.append(f"-A {ext_chain} -j {C.MARK_MASQ}")
+                ext_rules.append(f"-A {ext_chain} -j {svc_chain}")
+            else:
                 ext_rules.append(f"-A {ext_chain} -j {svl_chain}")
-        elif plan.cluster:
-            ext_rules.append(f"-A {ext_chain} -j {C.MARK_MASQ}")
-            ext_rules.append(f"-A {ext_chain} -j {svc_chain}")
         has_ext = bool(ext_rules)
         if has_ext:
             nat.append((ext_chain, tuple(ext_rules)))
-        # What happens to external traffic that the EXT chain does not DNAT.
-        ext_verdict = "" if plan.external_endpoints else ("-j DROP" if plan.has_any else REJECT)
-        ext_reason = "no local endpoints" if plan.has_any else "no endpoints"
+        unserved = plan.external_unserved
+        ext_verdict = VERDICT[unserved] if unserved else ""
+        ext_reason = plan.unserved_reason
         for ip, what in [(i, "external IP") for i in info.external_ips] + [
             (i, "load balancer IP") for i in info.load_balancer_ips
         ]:

@@ -40,7 +40,7 @@ from agent.model.desired import DesiredState, NodeContext, ServicePlan
 from agent.model.endpoints import EndpointInfo
 from agent.model.serviceport import ServicePortName
 
-REJECT_VERDICT = f"goto {N.REJECT}"
+VERDICT = {"drop": "drop", "reject": f"goto {N.REJECT}"}
 MAX_COMMENT = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9 ._/:@+=,()-]')
 
@@ -190,29 +190,30 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         internal_chain = svl_chain if info.internal_policy_local else svc_chain
         element(N.SERVICE_IPS, cip_key, f"jump {internal_chain}", f"{spn} cluster IP")
     else:
-        verdict = "drop" if plan.has_any else REJECT_VERDICT
+        verdict = VERDICT[plan.internal_unserved or "reject"]
         element(N.NO_ENDPOINT_SERVICES, cip_key, verdict, f"{spn} has no endpoints")
 
     # External traffic: node ports, external IPs, load-balancer IPs all enter the ext chain.
     if info.externally_accessible:
         ext_rules: list[str] = []
-        if info.external_policy_local:
-            if plan.cluster:
+        for step in plan.external_steps:
+            if step == "pods-to-cluster":
                 if pods:
                     ext_rules.append(f"{ip} saddr {pods} goto {svc_chain}")
+            elif step == "node-to-cluster":
                 ext_rules.append(f"fib saddr type local jump {N.MARK_MASQ}")
                 ext_rules.append(f"fib saddr type local goto {svc_chain}")
-            if plan.local:
+            elif step == "masquerade-to-cluster":
+                ext_rules.append(f"jump {N.MARK_MASQ}")
+                ext_rules.append(f"goto {svc_chain}")
+            else:
                 ext_rules.append(f"goto {svl_chain}")
-        elif plan.cluster:
-            ext_rules.append(f"jump {N.MARK_MASQ}")
-            ext_rules.append(f"goto {svc_chain}")
         has_ext = bool(ext_rules)
         if has_ext:
             chains.append((ext_chain, tuple(ext_rules)))
-        # What happens to external traffic that the ext chain does not DNAT.
-        ext_verdict = "" if plan.external_endpoints else ("drop" if plan.has_any else REJECT_VERDICT)
-        ext_reason = "no local endpoints" if plan.has_any else "no endpoints"
+        unserved = plan.external_unserved
+        ext_verdict = VERDICT[unserved] if unserved else ""
+        ext_reason = plan.unserved_reason
         fronts = [(a, "external IP") for a in info.external_ips]
         fronts += [(a, "load balancer IP") for a in info.load_balancer_ips]
         for addr, what in fronts:
