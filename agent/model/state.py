@@ -71,6 +71,7 @@ class ClusterModel:
         self.services: ChangeTracker[NamespacedName, tuple[ServicePortInfo, ...]] = ChangeTracker()
         self.slices: ChangeTracker[NamespacedName, SliceInfo] = ChangeTracker()
         self._slices_by_service: dict[NamespacedName, set[NamespacedName]] = {}
+        self._unproxied: set[NamespacedName] = set()
         self._node = NodeInfo()
         self._node_dirty = True
         self.desired: dict[int, DesiredState] = {f: DesiredState(self._context(f)) for f in FAMILIES}
@@ -80,11 +81,14 @@ class ClusterModel:
     def on_service(self, key: NamespacedName, svc: Service | None) -> list[Problem]:
         problems: list[Problem] = []
         ports: tuple[ServicePortInfo, ...] | None = None
+        self._unproxied.discard(key)
         if svc is not None:
             ok, _ = is_proxied(svc)
             if ok:
                 infos, problems = service_ports(svc)
                 ports = tuple(infos) or None
+            else:
+                self._unproxied.add(key)  # headless, ExternalName, another proxy's: its slices are fine
         self.services.update(key, ports)
         return problems
 
@@ -158,6 +162,10 @@ class ClusterModel:
                 self._slices_by_service.get(prev.service, set()).discard(key)
             if cur is not None:
                 self._slices_by_service.setdefault(cur.service, set()).add(key)
+                if cur.service not in self.services.committed and cur.service not in self._unproxied:
+                    update.problems.append(Problem(
+                        "EndpointSlice", str(key), "unknown_service",
+                        f"belongs to Service {cur.service}, which does not exist (yet); ignored until it does"))
                 if cur.trigger_time:
                     update.trigger_times.append(cur.trigger_time)
         if self._node_dirty:

@@ -470,3 +470,20 @@ def test_desired_table_is_printable() -> None:
         "# IPv4 node=node-a services=1\n"
         "shop/web:http 10.96.0.10:80/TCP nodePort 30080 -> 10.244.1.5:8080 affinity=10800s\n"
     )
+
+
+def test_slice_for_an_unknown_service_is_reported_once_and_ignored() -> None:
+    """A slice whose kubernetes.io/service-name names no Service: one problem, nothing programmed;
+    slices of headless Services are normal and not reported."""
+    c = Cluster().apply(
+        service("headless", ["None"], HTTP),
+        endpoint_slice("ghost-1", "ghost", [endpoint("10.244.0.9")], EP_HTTP),
+        endpoint_slice("headless-1", "headless", [endpoint("10.244.0.8")], EP_HTTP),
+    )
+    update = c.drain()
+    assert [(p.object, p.reason) for p in update.problems] == [("shop/ghost-1", "unknown_service")]
+    assert not c.model.desired[4].services
+    assert not c.drain().problems  # not repeated while nothing changes
+    c.apply(service("ghost", ["10.96.0.30"], HTTP))
+    c.drain()
+    assert c.endpoints(spn("ghost")) == ["10.244.0.9:8080"]
