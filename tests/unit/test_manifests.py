@@ -171,7 +171,7 @@ def test_daemonset_pod_settings() -> None:
     c = container()
     assert c["image"] == "kube-proxy-agent:dev"
     assert c["imagePullPolicy"] == "IfNotPresent"
-    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "400Mi"}}
+    assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
     caps = set(c["securityContext"]["capabilities"]["add"])
     assert caps == {"NET_ADMIN", "NET_RAW", "SYS_RESOURCE", "SYS_MODULE"}
     assert not c["securityContext"].get("privileged", False), "only the ebpf overlay runs privileged"
