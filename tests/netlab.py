@@ -24,7 +24,7 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 SCTP = getattr(socket, "IPPROTO_SCTP", 132)
 
 
-def sh(*argv: str, check: bool = True, input: str | None = None) -> str:  # noqa: A002
+def sh(*argv: str, check: bool = True, input: str | None = None) -> str:
     proc = subprocess.run(list(argv), capture_output=True, text=True, input=input, check=False)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -100,7 +100,7 @@ def probe(ns: str | None, ip: str, port: int, proto: str = "tcp", timeout: float
         return "REFUSED"
     except ConnectionResetError:
         return "RESET"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return "TIMEOUT"
     except OSError as exc:
         if exc.errno in (113, 101):  # EHOSTUNREACH, ENETUNREACH
@@ -147,7 +147,7 @@ class EchoServer:
                         with contextlib.suppress(OSError):
                             conn.recv(512)
                             conn.sendall(f"{self.name} {peer[0]}\n".encode())
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -174,6 +174,15 @@ class Lab:
         self.namespaces.append(name)
         self.exec(name, "ip", "link", "set", "lo", "up")
         return name
+
+    def drop_ns(self, ns: str) -> None:
+        """Delete one namespace made by ns() now (its veths go with it), killing what runs in it."""
+        for pid in sh("ip", "netns", "pids", ns, check=False).split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
+        sh("ip", "netns", "del", ns, check=False)
+        if ns in self.namespaces:
+            self.namespaces.remove(ns)
 
     def exec(self, ns: str, *argv: str, check: bool = True) -> str:
         return sh("ip", "netns", "exec", ns, *argv, check=check)
