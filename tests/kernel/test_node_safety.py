@@ -163,3 +163,20 @@ def test_restart_keeps_serving_and_catches_up(mode: str) -> None:
         (n.source / "rs.yaml").write_text((n.source / "rs.yaml").read_text().replace("10.244.1.10", "10.244.1.12"))
         n.start()
         assert wait_for(lambda: n.probe(ips[0], 80, src="pod-b", timeout=0.5).startswith("pod-c"), 10)
+
+
+def test_iptables_variant_follows_the_rules_already_on_the_node(mode: str) -> None:
+    """Like kube-proxy's images: a node whose rules live in iptables-legacy gets legacy rules,
+    so they are never split across the two backends."""
+    if mode != "iptables":
+        return
+    with fresh_node(mode, start=False) as n:
+        n.lab.exec(n.node, "iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
+        n.start()
+        ips = n.cluster_ip()
+        n.apply("legacy", [service("legacy", ips[0], HTTP),
+                           slice_("legacy-1", "legacy", [endpoint("pod-b")], EP_HTTP)])
+        assert n.probe(ips[0], 80, src="pod-a").startswith("pod-b")
+        assert "KPA-SERVICES" in n.lab.exec(n.node, "iptables-legacy-save", "-t", "nat")
+        assert "KPA-" not in n.lab.exec(n.node, "iptables-nft-save")
+        assert "variant=legacy" in n.log.read_text()
