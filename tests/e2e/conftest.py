@@ -123,8 +123,8 @@ def k(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Kit]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome: Any = yield
     rep = outcome.get_result()
     h: Harness | None = _state.get("harness")
     if rep.failed and h is not None and "tests/e2e/" in str(item.fspath).replace(os.sep, "/"):

@@ -167,9 +167,10 @@ class Kit:
             if time.monotonic() > end:
                 raise TimeoutError(f"{what}: no {streak} good replies in a row within {timeout:.0f}s (last {r!r})")
 
-    def until_only(self, what: str, t0: float, fn: Callable[[], str], names: set[str], streak: int = 10,
+    def until_only(self, what: str, t0: float, fn: Callable[[], str], names: set[str], streak: int = 30,
                    timeout: float = 30) -> float:
-        """Until `streak` answers in a row all come from `names`."""
+        """Until `streak` answers in a row all come from `names`. 30: while the old endpoints are
+        still programmed, a streak from a subset of them by chance is ~1 in 10^9 per try."""
         return self._streak(what, t0, fn, lambda r: answered(r) and r.split()[0] in names, streak, timeout)
 
     def until_not_answered(self, what: str, t0: float, fn: Callable[[], str], streak: int = 3,
