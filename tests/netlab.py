@@ -111,6 +111,36 @@ def probe(ns: str | None, ip: str, port: int, proto: str = "tcp", timeout: float
             s.close()
 
 
+def http_get(ns: str | None, ip: str, port: int, path: str, timeout: float = 3) -> tuple[int, str]:
+    """(status, body) of a plain HTTP/1.0 GET made from inside namespace `ns`."""
+    s = socket_in(ns, family_of(ip), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def metric_sum(exposition: str, name: str) -> float:
+    """The sum of every sample of metric `name` (all label sets) in Prometheus text format."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def who(answers: Sequence[str]) -> set[str]:
+    """The servers that answered ('<name> <peer>' replies)."""
+    return {a.split()[0] for a in answers}
+
+
 class EchoServer:
     """Answers every TCP/SCTP connection and UDP datagram with '<name> <peer ip>'."""
 

@@ -32,8 +32,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -46,7 +46,7 @@ from typing import Any
 from tests.cluster.controlplane import ControlPlane, find_bins
 from tests.cluster.kubeapi import JSON, Api, ApiError
 from tests.cluster.procs import RUN_PREFIX, RUN_ROOT, Proc, RunState, sh, stop_all_processes, sweep_stale
-from tests.netlab import EchoServer, Lab, probe, socket_in
+from tests.netlab import EchoServer, Lab, http_get, metric_sum, probe
 
 REPO = Path(__file__).resolve().parents[2]
 # The apiserver's address: 10.250.X.1/24 on a root-namespace bridge, X = the first /24 of
@@ -123,11 +123,7 @@ class SimNode:
         return self.http_get(10249, "/metrics")[1]
 
     def metric(self, name: str) -> float:
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.metrics(), name)
 
     def last_sync(self) -> float:
         try:
@@ -661,8 +657,6 @@ def batch(netns: str, *cmds: str) -> None:
 
 
 def sh_input(*argv: str, input: str) -> str:
-    import subprocess
-
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}\ninput:\n{input}")
@@ -678,26 +672,6 @@ def _raise_keyboard_interrupt(*_: object) -> None:
 def ask(netns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0, src_ip: str = "") -> str:
     """One connection: '<server name> <client ip as seen>' or REFUSED / TIMEOUT / RESET / UNREACHABLE."""
     return probe(netns, ip, port, proto, timeout=timeout, src_ip=src_ip)
-
-
-def http_get(netns: str, ip: str, port: int, path: str, timeout: float = 3) -> tuple[int, str]:
-    """(status, body) of a plain HTTP/1.0 GET made from inside `netns`."""
-    s = socket_in(netns, socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect((ip, port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-    head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def who(answers: Sequence[str]) -> set[str]:
-    return {a.split()[0] for a in answers}
 
 
 def answered(reply: str) -> bool:

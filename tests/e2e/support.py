@@ -21,9 +21,9 @@ from tests.cluster.harness import (
     answered,
     ask,
     wait_until,
-    who,
 )
 from tests.cluster.kubeapi import JSON
+from tests.netlab import who
 
 HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
 CLIENTS_NS = "e2e-clients"

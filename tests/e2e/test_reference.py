@@ -28,11 +28,11 @@ from tests.cluster.harness import (
     SimNode,
     answered,
     ask,
-    http_get,
     wait_until,
 )
 from tests.cluster.kubeapi import JSON
 from tests.e2e.conftest import REPORTS, mode_unsupported
+from tests.netlab import http_get
 
 pytestmark = pytest.mark.e2e
 NS = "reference"

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from tests.cluster.harness import CLIENT_IP, CLIENT_IP2, answered, http_get, who
+from tests.cluster.harness import CLIENT_IP, CLIENT_IP2, answered
 from tests.e2e.support import Kit, cluster_ip, names, node_port, now
+from tests.netlab import http_get, who
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import yaml
 
 from agent.backends.base import UnsupportedMode
 from agent.backends.registry import make_backend
-from tests.netlab import Lab, probe, socket_in, wait_for
+from tests.netlab import Lab, http_get, metric_sum, probe, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
@@ -99,28 +98,13 @@ class Node:
         return "\n".join(self.log.read_text().splitlines()[-n:])
 
     def http(self, port: int, path: str, ip: str = "127.0.0.1", ns: str | None = None) -> tuple[int, str]:
-        s = socket_in(ns or self.node, socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(3)
-        try:
-            s.connect((ip, port))
-            s.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        finally:
-            s.close()
-        head, _, body = data.decode().partition("\r\n\r\n")
-        return int(head.split()[1]), body
+        return http_get(ns or self.node, ip, port, path)
 
     def metrics(self) -> str:
         return self.http(10249, "/metrics")[1]
 
     def metric(self, name: str) -> float:
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_sum(self.metrics(), name)
 
     def last_sync(self) -> float:
         try:
@@ -263,7 +247,3 @@ def slice_(name: str, svc: str, endpoints: list[dict[str, Any]], ports: list[dic
         "addressType": "IPv4" if family == 4 else "IPv6",
         "endpoints": endpoints, "ports": ports,
     }
-
-
-def who(answers: list[str]) -> set[str]:
-    return {a.split()[0] for a in answers}

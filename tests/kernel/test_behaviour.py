@@ -22,9 +22,8 @@ from tests.kernel.conftest import (
     endpoint,
     service,
     slice_,
-    who,
 )
-from tests.netlab import probe, sctp_available, wait_for
+from tests.netlab import probe, sctp_available, wait_for, who
 
 HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
 EP_HTTP = [{"name": "http", "port": 8080, "protocol": "TCP"}]

@@ -8,9 +8,9 @@ import re
 import subprocess
 import time
 
-from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_, who
+from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
-from tests.netlab import wait_for
+from tests.netlab import wait_for, who
 
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
