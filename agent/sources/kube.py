@@ -180,6 +180,7 @@ class KubeSource:
                 if not rv:
                     records, rv = self.list(res)
                     self.sink.replace_all(res.kind, records)
+                    backoff = 0.5  # the API answers again: a later outage starts from a short wait
                 for typ, raw in self._events(res, rv):
                     if typ == "ERROR":
                         status = msgspec.json.decode(raw, type=_Status)
