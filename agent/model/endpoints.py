@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.model.records import SERVICE_NAME_LABEL, EndpointSlice
+from agent.model.records import SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION, EndpointSlice
 from agent.model.serviceport import PROTOCOLS, NamespacedName, Problem
 
 FAMILIES = {"IPv4": 4, "IPv6": 6}
@@ -97,7 +97,7 @@ def slice_info(es: EndpointSlice) -> tuple[SliceInfo | None, list[Problem]]:
             continue
         infos = tuple(EndpointInfo(a[0], p.port, a[1], a[2], a[3], a[4], a[5]) for a in addresses)
         ports.append(((p.name or "", proto), infos))
-    trigger = meta.annotations.get("endpoints.kubernetes.io/last-change-trigger-time", "")
+    trigger = meta.annotations.get(TRIGGER_TIME_ANNOTATION, "")
     return SliceInfo(NamespacedName(meta.namespace, svc_name), family, tuple(ports), trigger), problems
 
 

@@ -7,7 +7,7 @@ the decode of that one object, which the caller logs and skips.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -134,7 +134,6 @@ class Node(msgspec.Struct, rename="camel", frozen=True):
 
 
 Record = Service | EndpointSlice | Node
-Kind = Literal["Service", "EndpointSlice", "Node"]
 KIND_TYPES: dict[str, type[Service] | type[EndpointSlice] | type[Node]] = {
     "Service": Service,
     "EndpointSlice": EndpointSlice,

@@ -173,13 +173,11 @@ class ClusterModel:
             update.full = True
             for fam in FAMILIES:
                 self.desired[fam].node = self._context(fam)
-            touched = set(self.services.committed) | {s for s, _ in self._plans_by_service()}
+            planned = {spn.service for fam in FAMILIES for spn in self.desired[fam].services}
+            touched = set(self.services.committed) | planned
         for fam in FAMILIES:
             update.changed[fam] = self._recompute(fam, touched, update)
         return update
-
-    def _plans_by_service(self) -> set[tuple[NamespacedName, int]]:
-        return {(spn.service, fam) for fam in FAMILIES for spn in self.desired[fam].services}
 
     def _recompute(self, family: int, touched: set[NamespacedName], update: Update) -> ChangedPorts:
         stale = update.stale_flows

@@ -12,13 +12,13 @@ from datetime import datetime
 from agent.backends.base import Backend, SyncError
 from agent.health import HealthCheckService, ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
-from agent.model.records import EndpointSlice, Node, Record, Service
+from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service
 from agent.model.serviceport import NamespacedName, Problem
 from agent.model.state import ClusterModel, StaleFlow, Update
 
 log = logging.getLogger("agent.sync")
 
-KINDS = ("Service", "EndpointSlice", "Node")
+KINDS = tuple(KIND_TYPES)
 
 
 class SyncLoop:
