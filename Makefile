@@ -41,7 +41,7 @@ kernel: install
 	$(VENV)/bin/pytest -q tests/kernel
 
 test: lint typecheck
-	$(VENV)/bin/pytest -q -rs tests
+	$(VENV)/bin/pytest -q -rfEs tests
 
 bench: install
 	$(PY) -m tests.bench.bench $(BENCH_ARGS)

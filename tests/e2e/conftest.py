@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,6 +63,18 @@ def mode_unsupported(mode: str) -> str:
     except (UnsupportedMode, ImportError, OSError) as exc:
         return str(exc) or type(exc).__name__
     return ""
+
+
+def conntrack_table(netns: str, lines: int = 40) -> str:
+    """The node's conntrack entries (newest last, at most `lines`): a failed connection shows
+    whether it was NATed, and to where."""
+    try:
+        out = subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-L"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"conntrack -L failed: {exc}"
+    rows = out.stdout.splitlines()
+    return "\n".join([*rows[-lines:], f"({len(rows)} entries) {out.stderr.strip()}"])
 
 
 def _log(msg: str) -> None:
@@ -131,6 +144,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for node in list(h.nodes.values()):
             if node.proxy is not None:
                 rep.sections.append((f"{node.proxy_kind} on {node.name} (log tail)", node.proxy.tail(30)))
+                rep.sections.append((f"conntrack on {node.name} (at the failure)", conntrack_table(node.netns)))
         if h.cp is not None and h.cp.kcm is not None:
             rep.sections.append(("kube-controller-manager (log tail)", h.cp.kcm.tail(15)))
 

@@ -390,13 +390,19 @@ def test_side_by_side_with_upstream_kube_proxy(ref: Ref) -> None:
     obs = from_client_pod("after-restart")
     rows.append((title, obs(r, r.kp), obs(r, r.kpa)))
 
-    # A difference must reproduce: observe both once more (a lone lost SYN is not a behaviour).
+    # A difference must reproduce: observe both again, up to three more times two seconds apart
+    # (a lone lost SYN is not a behaviour; neither is a proxy still settling after an apiserver
+    # restart, when the client's earlier attempts left unNATed conntrack entries behind).
     observers = dict(STAGE1 + STAGE2 + [(title, obs)])
     for i, (title, a, b) in enumerate(rows):
-        if a != b:
+        for _ in range(3):
+            if a == b.split("  [first try")[0]:
+                break
+            time.sleep(2)
             a2, b2 = observers[title](r, r.kp), observers[title](r, r.kpa)
             if a2 == b2:
                 rows[i] = (title, a2, b2 + f"  [first try differed: {a} | {b}]")
+                break
     verdicts = []
     for title, a, b in rows:
         if a == b.split("  [first try")[0]:
