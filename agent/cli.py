@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from prometheus_client import start_http_server
@@ -36,6 +36,9 @@ from agent.model.state import ClusterModel
 from agent.sources.file import FileSource
 from agent.sync.loop import SyncLoop
 from agent.sync.runner import Runner, Schedule
+
+if TYPE_CHECKING:
+    from agent.sources.kube_events import NodeEventRecorder
 
 log = logging.getLogger("agent")
 
@@ -155,14 +158,24 @@ def run_daemon(cfg: AgentConfig) -> int:
 
     stop = threading.Event()
     source: Any
+    recorder: NodeEventRecorder | None = None
     if cfg.source:
         source = FileSource(cfg.source, loop)
         source.check()
     else:
         from agent.sources.kube import KubeSource, load_client_config
 
-        source = KubeSource(load_client_config(cfg.kubeconfig), loop, cfg.hostname_override)
+        kube_cfg = load_client_config(cfg.kubeconfig)
+        source = KubeSource(kube_cfg, loop, cfg.hostname_override)
         source.on_error.append(lambda kind: metrics.api_errors.labels(kind).inc())
+        if not cfg.once:
+            from agent.sources.kube_events import NodeEventRecorder
+
+            recorder = NodeEventRecorder(kube_cfg, cfg.hostname_override,
+                                         on_error=lambda kind: metrics.api_errors.labels(kind).inc())
+            loop.on_event = recorder.emit
+            recorder.emit("Normal", "Starting", "StartKubeProxyAgent",
+                          f"Starting kube-proxy-agent (proxy mode {cfg.proxy_mode})")
 
     if cfg.once:
         if cfg.source:
@@ -193,6 +206,8 @@ def run_daemon(cfg: AgentConfig) -> int:
     runner.stop()
     if hc is not None:
         hc.close()
+    if recorder is not None:
+        recorder.close()
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import selectors
 import socket
 import subprocess
 import threading
@@ -142,12 +143,18 @@ def who(answers: Sequence[str]) -> set[str]:
 
 
 class EchoServer:
-    """Answers every TCP/SCTP connection and UDP datagram with '<name> <peer ip>'."""
+    """Answers every TCP/SCTP connection and UDP datagram with '<name> <peer ip>'.
+
+    One thread per server multiplexes all its sockets and connections (selectors): a client that
+    connects and says nothing never holds up the next one, and a busy test process runs few threads."""
+
+    WAIT_FOR_DATA = 1.0  # a connection that sends nothing for this long is closed unanswered
 
     def __init__(self, ns: str, name: str, ports: Sequence[tuple[str, int]], families: Sequence[int]) -> None:
         self.name = name
         self._socks: list[socket.socket] = []
         self._stop = threading.Event()
+        self._sel = selectors.DefaultSelector()
         for proto, port in ports:
             if proto == "sctp" and not sctp_available():
                 continue
@@ -159,33 +166,64 @@ class EchoServer:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
                 if typ == socket.SOCK_STREAM:
-                    s.listen(64)
-                s.settimeout(0.2)
+                    s.listen(128)
+                s.setblocking(False)
                 self._socks.append(s)
-                threading.Thread(target=self._serve, args=(s, proto), daemon=True).start()
+                self._sel.register(s, selectors.EVENT_READ, "udp" if proto == "udp" else "listen")
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the loop at once
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._serve, name=f"echo-{name}", daemon=True)
+        self._thread.start()
 
-    def _serve(self, s: socket.socket, proto: str) -> None:
+    def _reply(self, peer: str) -> bytes:
+        return f"{self.name} {peer}\n".encode()
+
+    def _serve(self) -> None:
+        pending: dict[socket.socket, tuple[float, str]] = {}  # connection -> (deadline, peer ip)
         while not self._stop.is_set():
             try:
-                if proto == "udp":
-                    _, peer = s.recvfrom(512)
-                    s.sendto(f"{self.name} {peer[0]}\n".encode(), peer)
-                else:
-                    conn, peer = s.accept()
-                    with conn:
-                        conn.settimeout(1)
-                        with contextlib.suppress(OSError):
-                            conn.recv(512)
-                            conn.sendall(f"{self.name} {peer[0]}\n".encode())
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+                events = self._sel.select(timeout=0.2)
+            except (OSError, ValueError):
+                return  # closed under us
+            for key, _ in events:
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if key.data == "wake":
+                    break
+                with contextlib.suppress(OSError):
+                    if key.data == "udp":
+                        _, peer = sock.recvfrom(512)
+                        sock.sendto(self._reply(peer[0]), peer)
+                    elif key.data == "listen":
+                        conn, peer = sock.accept()
+                        conn.setblocking(False)
+                        pending[conn] = (time.monotonic() + self.WAIT_FOR_DATA, peer[0])
+                        self._sel.register(conn, selectors.EVENT_READ, "conn")
+                    else:
+                        _, peer_ip = pending.pop(sock)
+                        self._sel.unregister(sock)
+                        try:
+                            if sock.recv(512):
+                                sock.sendall(self._reply(peer_ip))
+                        finally:
+                            sock.close()
+            now = time.monotonic()
+            for conn in [c for c, (deadline, _) in pending.items() if deadline < now]:
+                del pending[conn]
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(conn)
+                conn.close()
+        for conn in pending:
+            conn.close()
 
     def close(self) -> None:
         self._stop.set()
-        for s in self._socks:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(2)
+        for s in [*self._socks, self._wake_r, self._wake_w]:
             s.close()
+        self._sel.close()
 
 
 @dataclass

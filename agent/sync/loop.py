@@ -52,8 +52,11 @@ class SyncLoop:
         self._need_full = True
         self.ready = threading.Event()  # every initial list is in
         self.trigger: Callable[[], None] = lambda: None
+        # a Kubernetes Event about this node: (type, reason, action, note); set by the daemon
+        self.on_event: Callable[[str, str, str, str], None] = lambda type_, reason, action, note: None
         self.syncs = 0
         self.failures = 0
+        self._failing = False
 
     # -- inputs (source threads) ------------------------------------------------------------
 
@@ -145,8 +148,16 @@ class SyncLoop:
                 self.metrics.nft_transaction_failures.inc()
             log.error("sync failed mode=%s full=%s error=%r; previous rules stay, next sync is full",
                       self.backend.name, full, str(exc))
+            if not self._failing:  # one Warning per failure streak, not one per retry
+                self.on_event("Warning", "SyncFailed", "SyncProxyRules",
+                            f"{self.backend.name} rules not written: {exc}; previous rules stay, retrying")
+            self._failing = True
             return False
         elapsed = time.monotonic() - start
+        if self._failing:
+            self.on_event("Normal", "SyncRecovered", "SyncProxyRules",
+                        f"{self.backend.name} rules written again after {self.failures} failed sync(s) in all")
+            self._failing = False
         self._need_full = False
         self.syncs += 1
         self.metrics.sync_duration.observe(elapsed)

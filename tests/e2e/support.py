@@ -107,10 +107,12 @@ class Kit:
         return self.h.create_service(self.ns, name, ports or HTTP, None, **spec)
 
     # -- traffic
-    def from_pod(self, node: SimNode, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0) -> str:
+    # Probes that expect an answer wait 2 s: one lost SYN is retransmitted after 1 s, as a real
+    # client would, and a loaded test machine gets slack. Probes that expect silence say so.
+    def from_pod(self, node: SimNode, ip: str, port: int, proto: str = "tcp", timeout: float = 2.0) -> str:
         return ask(self.c.client_of(node).netns, ip, port, proto, timeout)
 
-    def from_outside(self, ip: str, port: int, proto: str = "tcp", timeout: float = 1.0, src_ip: str = "") -> str:
+    def from_outside(self, ip: str, port: int, proto: str = "tcp", timeout: float = 2.0, src_ip: str = "") -> str:
         return ask(self.h.client, ip, port, proto, timeout, src_ip=src_ip)
 
     def many(self, fn: Callable[[], str], n: int = 24) -> list[str]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from datetime import datetime
 
 import pytest
 
-from tests.cluster.harness import CLIENT_IP, CLIENT_IP2, answered
+from tests.cluster.harness import CLIENT_IP, CLIENT_IP2, SimNode, answered, wait_until
+from tests.cluster.kubeapi import JSON
+from tests.cluster.procs import sh
 from tests.e2e.support import Kit, cluster_ip, names, node_port, now
 from tests.netlab import http_get, who
 
@@ -341,3 +345,70 @@ def test_apiserver_restarted_mid_run(k: Kit) -> None:
     # and the agents are still the same processes (they rode it out, no restart)
     for node in (n1, n2):
         assert node.proxy is not None and node.proxy.running() and node.proxy.starts == starts[node.name]
+
+
+def _agent_events(k: Kit, node: SimNode) -> list[JSON]:
+    items = k.h.api.get("/apis/events.k8s.io/v1/namespaces/default/events").get("items", [])
+    return [e for e in items if e.get("reportingController") == "kube-proxy-agent"
+            and e.get("regarding", {}).get("kind") == "Node" and e["regarding"].get("name") == node.name]
+
+
+def _since(e: JSON, t: float) -> bool:
+    return datetime.fromisoformat(e["eventTime"]).timestamp() >= t
+
+
+def _has_event(k: Kit, node: SimNode, type_: str, reason: str, after: float = 0.0) -> bool:
+    return any(e.get("type") == type_ and e.get("reason") == reason and _since(e, after)
+               for e in _agent_events(k, node))
+
+
+def _obstruct(node: SimNode, pod_ip: str) -> Callable[[], None]:
+    """Someone else's rule jumps into the agent's chain for `pod_ip`'s Service, so deleting that
+    chain is refused by the kernel. Returns how to take the obstacle away."""
+    def run(*argv: str) -> str:
+        return sh("ip", "netns", "exec", node.netns, *argv)
+    if node.mode == "nftables":
+        table = run("nft", "list", "table", "ip", "kube-proxy-agent")
+        chain = next(block.split()[0] for block in table.split("\tchain ")[1:] if f"{pod_ip} " in block
+                     or f"{pod_ip}:" in block)
+        run("nft", f"add chain ip kube-proxy-agent someone-else; add rule ip kube-proxy-agent someone-else "
+            f"jump {chain}")
+        # the agent owns its table: the full sync after the refusal removes the stranger itself
+        return lambda: None
+    save = run("iptables-save", "-t", "nat")
+    sep = next(ln.split()[1] for ln in save.splitlines() if ln.startswith("-A ") and f"{pod_ip}:" in ln)
+    run("iptables", "-t", "nat", "-N", "SOMEONE-ELSE")
+    run("iptables", "-t", "nat", "-A", "SOMEONE-ELSE", "-j", sep)
+
+    def remove() -> None:
+        run("iptables", "-t", "nat", "-F", "SOMEONE-ELSE")
+        run("iptables", "-t", "nat", "-X", "SOMEONE-ELSE")
+    return remove
+
+
+def test_agent_posts_events_about_its_node(k: Kit) -> None:
+    n1, n2 = k.c.n1, k.c.n2
+    # like kube-proxy: an Event about the Node when the agent starts (posted with the agent's own
+    # ServiceAccount, so the shipped ClusterRole's create on events is what makes it work)
+    for node in (n1, n2):
+        wait_until(lambda node=node: _has_event(k, node, "Normal", "Starting"), 30,
+                   what=f"a Starting event about {node.name}")
+    since = time.time()
+    p = k.pod("ev-a", n1)
+    ip = cluster_ip(k.service("ev", selector={"app": "web"}))
+    k.until_answered_by("events: Service answers", now(), lambda: k.from_pod(n1, ip, 80, timeout=0.3), {"ev-a"},
+                        record=False)
+    unblock = _obstruct(n1, p.ip)
+    try:
+        k.h.api.delete(k.h.service_path(k.ns, "ev"))
+        wait_until(lambda: _has_event(k, n1, "Warning", "SyncFailed", since), 30,
+                   what="a SyncFailed warning about the refused sync")
+    finally:
+        unblock()
+    wait_until(lambda: _has_event(k, n1, "Normal", "SyncRecovered", since), 30,
+               what="a SyncRecovered event once the rules are written again")
+    failed = [e for e in _agent_events(k, n1) if e["reason"] == "SyncFailed" and _since(e, since)]
+    assert len(failed) == 1, failed  # one warning per failure streak, not one per retry
+    assert "previous rules stay" in failed[0]["note"], failed[0]
+    assert not _has_event(k, n2, "Warning", "SyncFailed", since)
+    k.until_not_answered("events: deleted Service stops answering", now(), lambda: k.from_pod(n1, ip, 80, timeout=0.3))

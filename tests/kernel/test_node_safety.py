@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 
 from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_
@@ -89,7 +90,7 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
 
 def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:
     if mode != "iptables":
-        return  # the nftables refusal path is covered in its own module
+        return  # the nftables refusal path is the test below
     with fresh_node(mode, ["--sync-period", "60s"]) as n:
         ips = n.cluster_ip()
         n.apply("ref", [service("ref", ips[0], HTTP),
@@ -111,6 +112,51 @@ def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:
         n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "FOREIGN")
         assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
         n.lab.exec(n.node, "iptables", "-t", "nat", "-X", "FOREIGN")
+
+
+def _nft_chains(n: Node) -> set[str]:
+    out = n.lab.exec(n.node, "nft", "list", "chains", "ip")
+    return set(re.findall(r"chain (\S+) \{", out.split("table ip kube-proxy-agent", 1)[1].split("table ", 1)[0]))
+
+
+def test_nft_refusal_keeps_rules_counts_and_next_sync_is_full(mode: str) -> None:
+    if mode != "nftables":
+        return  # the iptables refusal path is the test above
+    with fresh_node(mode, ["--sync-period", "60s"]) as n:
+        a, b = n.cluster_ip(), n.cluster_ip()
+        n.apply("a", [service("a", a[0], HTTP), slice_("a-1", "a", [endpoint("pod-a")], EP_HTTP)])
+        before = _nft_chains(n)
+        n.apply("b", [service("b", b[0], HTTP), slice_("b-1", "b", [endpoint("pod-b")], EP_HTTP)])
+        b_chains = sorted(_nft_chains(n) - before)
+        assert b_chains, "service b made no chain of its own"
+        # Someone edits our table: a rule of theirs jumps into b's chain, so deleting that chain
+        # (when b goes) is refused by the kernel (EBUSY) and the whole transaction with it.
+        n.lab.exec(n.node, "nft", f"add chain ip kube-proxy-agent someone-else; "
+                   f"add rule ip kube-proxy-agent someone-else jump {b_chains[0]}")
+        failures = n.metric("kubeproxy_sync_proxy_rules_nftables_transaction_failures_total")
+        stop, replies = threading.Event(), []
+
+        def keep_asking() -> None:  # service a answers all along: a refused transaction changes nothing
+            while not stop.is_set():
+                replies.append(n.probe(a[0], 80, src="pod-c", timeout=1))
+        t = threading.Thread(target=keep_asking)
+        t.start()
+        try:
+            n.remove("b")  # returns after the next successful sync
+        finally:
+            stop.set()
+            t.join()
+        assert n.metric("kubeproxy_sync_proxy_rules_nftables_transaction_failures_total") == failures + 1
+        log = n.log.read_text()
+        failed = [ln for ln in log.splitlines() if "sync failed" in ln]
+        assert failed and "offending statement: delete chain ip kube-proxy-agent" in failed[-1], n.log_tail()
+        after = log.split(failed[-1], 1)[1]
+        # the retry was a full sync: it owns the whole table, so the foreign chain is gone too
+        assert "sync done mode=nftables full=True" in after, n.log_tail()
+        assert who(replies) == {"pod-a"} and len(replies) > 0, replies
+        chains = _nft_chains(n)
+        assert "someone-else" not in chains and not set(b_chains) & chains, chains
+        assert n.probe(b[0], 80, src="pod-c", timeout=0.5) != "pod-b"
 
 
 def test_health_and_metrics_like_kube_proxy(mode: str) -> None:
