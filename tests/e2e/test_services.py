@@ -393,6 +393,10 @@ def test_agent_posts_events_about_its_node(k: Kit) -> None:
     for node in (n1, n2):
         wait_until(lambda node=node: _has_event(k, node, "Normal", "Starting"), 30,
                    what=f"a Starting event about {node.name}")
+        # what the README's `kubectl get events -n default --field-selector involvedObject.name=NODE` asks
+        core = k.h.api.get("/api/v1/namespaces/default/events", fieldSelector=f"involvedObject.name={node.name}")
+        assert any(e["reason"] == "Starting" and e["involvedObject"]["kind"] == "Node"
+                   and e.get("reportingComponent") == "kube-proxy-agent" for e in core["items"]), core
     since = time.time()
     p = k.pod("ev-a", n1)
     ip = cluster_ip(k.service("ev", selector={"app": "web"}))
