@@ -75,6 +75,9 @@ class ClusterModel:
         self._node = NodeInfo()
         self._node_dirty = True
         self.desired: dict[int, DesiredState] = {f: DesiredState(self._context(f)) for f in FAMILIES}
+        # family -> service -> its ports in desired[family].services: a drain touches only the
+        # services that changed, never a scan of all of them
+        self._ports_by_service: dict[int, dict[NamespacedName, set[ServicePortName]]] = {f: {} for f in FAMILIES}
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -173,7 +176,7 @@ class ClusterModel:
             update.full = True
             for fam in FAMILIES:
                 self.desired[fam].node = self._context(fam)
-            planned = {spn.service for fam in FAMILIES for spn in self.desired[fam].services}
+            planned = {svc for fam in FAMILIES for svc in self._ports_by_service[fam]}
             touched = set(self.services.committed) | planned
         for fam in FAMILIES:
             update.changed[fam] = self._recompute(fam, touched, update)
@@ -184,13 +187,12 @@ class ClusterModel:
         state = self.desired[family]
         ctx = state.node
         changed: set[ServicePortName] = set()
-        by_service: dict[NamespacedName, list[ServicePortName]] = {}
-        for spn in state.services:
-            if spn.service in touched:
-                by_service.setdefault(spn.service, []).append(spn)
+        by_service = self._ports_by_service[family]  # kept in step with state.services below
         for svc in touched:
             ports = [p for p in self.services.committed.get(svc, ()) if p.family == family]
-            slices = [self.slices.committed[k] for k in self._slices_by_service.get(svc, ())
+            # in name order: when slices disagree about an endpoint, the same objects give the same
+            # plan whatever order their events came in (and after a restart)
+            slices = [self.slices.committed[k] for k in sorted(self._slices_by_service.get(svc, ()))
                       if k in self.slices.committed]
             merged, dups = merge_slices(s for s in slices if s.family == family)
             for d in dups:
@@ -203,17 +205,22 @@ class ClusterModel:
                 cat = categorize(info, eps, ctx.node_name, ctx.zone)
                 serving = frozenset(e.ip for e in eps if e.ready or e.serving)
                 new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any, serving)
-            for spn in by_service.get(svc, []):
-                if spn not in new_plans:
-                    old = state.services.pop(spn)
-                    changed.add(spn)
-                    _stale_for(old, None, stale)
+            known = by_service.get(svc, set())
+            for spn in [p for p in known if p not in new_plans]:
+                old = state.services.pop(spn)
+                known.discard(spn)
+                changed.add(spn)
+                _stale_for(old, None, stale)
             for spn, plan in new_plans.items():
                 old_plan = state.services.get(spn)
                 if old_plan != plan:
                     state.services[spn] = plan
                     changed.add(spn)
                     _stale_for(old_plan, plan, stale)
+            if new_plans:
+                by_service[svc] = set(new_plans)
+            else:
+                by_service.pop(svc, None)
         return frozenset(changed)
 
 

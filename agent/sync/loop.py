@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 from agent.backends.base import Backend, SyncError
-from agent.health import HealthCheckService, ProxyHealth, ServiceHealthServers
+from agent.health import ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
 from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service
 from agent.model.serviceport import NamespacedName, Problem
 from agent.model.state import ClusterModel, StaleFlow, Update
+from agent.sync.tallies import PlanTallies
 
 log = logging.getLogger("agent.sync")
 
@@ -57,6 +58,7 @@ class SyncLoop:
         self.syncs = 0
         self.failures = 0
         self._failing = False
+        self._tallies = PlanTallies()
 
     # -- inputs (source threads) ------------------------------------------------------------
 
@@ -128,6 +130,8 @@ class SyncLoop:
             if self._local_ips is not None:
                 self.model.set_local_ips(self._local_ips())
             update = self.model.drain()
+            # from what the drain changed, whether or not the backend then writes it
+            self._tallies.apply(self.model.desired, update.changed)
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
         self.metrics.service_changes.inc(update.services_changed)
@@ -191,21 +195,8 @@ class SyncLoop:
                 self.metrics.network_programming.observe(now - ts)
         if update.stale_flows and self._flush_conntrack is not None:
             self._flush_conntrack(update.stale_flows)
-        no_local = {"internal": 0, "external": 0}
-        hc: dict[int, HealthCheckService] = {}
-        for state in self.model.desired.values():
-            for plan in state.services.values():
-                i = plan.info
-                if i.internal_policy_local and not plan.local:
-                    no_local["internal"] += 1
-                if i.external_policy_local and not plan.local:
-                    no_local["external"] += 1
-                if i.health_check_node_port:
-                    prev = hc.get(i.health_check_node_port)
-                    count = len(plan.local) if prev is None else max(prev.local_endpoints, len(plan.local))
-                    hc[i.health_check_node_port] = HealthCheckService(
-                        i.name.namespace, i.name.name, i.health_check_node_port, count)
-        for policy, n in no_local.items():
+        for policy, n in self._tallies.no_local.items():
             self.metrics.no_local_endpoints.labels(policy).set(n)
-        if self._hc is not None:
-            self._hc.update(hc)
+        if self._hc is not None and self._tallies.health_checks_changed:
+            self._tallies.health_checks_changed = False
+            self._hc.update(self._tallies.health_checks)
