@@ -56,6 +56,9 @@ class SavedTables:
     chains: dict[str, set[str]] = field(default_factory=dict)
     hooks: dict[str, list[str]] = field(default_factory=dict)  # table -> "-A CHAIN ... -j KPA-..." lines
     rules: dict[tuple[str, str], int] = field(default_factory=dict)  # (table, our chain) -> rule count
+    # (table, our chain) -> a digest of its rules as the kernel prints them (order-sensitive; only
+    # comparable within one process: it finds a rule edited in place, count unchanged)
+    digests: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 _TABLE = re.compile(r"^\*(\w+)")
@@ -77,6 +80,7 @@ def parse_save(text: str, prefix: str) -> SavedTables:
         elif line.startswith("-A " + prefix):
             key = (table, line[3:].split(" ", 1)[0])
             out.rules[key] = out.rules.get(key, 0) + 1
+            out.digests[key] = hash((out.digests.get(key, 0), line))
         elif line.startswith("-A ") and f"-j {prefix}" in line:
             out.hooks[table].append(line)
     return out

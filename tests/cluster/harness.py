@@ -615,9 +615,14 @@ class Harness:
 
 
 def first_success(attempt: Callable[[], str], accept: Callable[[str], bool], timeout: float = 30,
-                  interval: float = 0.01, max_inflight: int = 60, what: str = "") -> tuple[float, str]:
+                  interval: float = 0.01, max_inflight: int = 60, what: str = "",
+                  slow_after: float = 2.0, slow_interval: float = 0.1) -> tuple[float, str]:
     """(monotonic time, reply) of the earliest accepted reply among attempts started every
-    `interval` seconds, each in its own thread."""
+    `interval` seconds (every `slow_interval` after `slow_after` seconds), each in its own thread.
+
+    Slowing down matters: every attempt at a Service not yet programmed leaves an unNATed SYN_SENT
+    conntrack entry for 2 minutes, and once the client's source ports come round again a new
+    connection that hits one of them is lost (TIMEOUT) even though the rules are right."""
     done = threading.Event()
     lock = threading.Lock()
     best: list[tuple[float, str]] = []
@@ -638,13 +643,16 @@ def first_success(attempt: Callable[[], str], accept: Callable[[str], bool], tim
         finally:
             slots.release()
 
-    end = time.monotonic() + timeout
+    start = time.monotonic()
+    end = start + timeout
     while not done.is_set():
-        if time.monotonic() > end:
+        now = time.monotonic()
+        if now > end:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or attempt}")
-        if slots.acquire(timeout=interval):
+        step = interval if now - start < slow_after else slow_interval
+        if slots.acquire(timeout=step):
             threading.Thread(target=run, daemon=True).start()
-        done.wait(interval)
+        done.wait(step)
     if errors and not best:
         raise errors[0]
     with lock:

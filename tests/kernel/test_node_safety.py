@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import threading
 import time
@@ -86,6 +87,19 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
             assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
             assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
             assert "rules drifted" in n.log.read_text()
+            # A rule edited in place (same count: someone points our DNAT at another pod) is found
+            # too, once a periodic check has seen the chain as written.
+            fulls = n.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count")
+            assert wait_for(lambda: n.metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count") >= fulls + 2,
+                            10)
+            save = n.lab.exec(n.node, "iptables-save", "-t", "nat").splitlines()
+            dnat = next(ln for ln in save if ln.startswith("-A KPA-SEP-") and "--to-destination 10.244.1.12:8080" in ln)
+            chain = dnat.split()[1]
+            index = [ln for ln in save if ln.startswith(f"-A {chain} ")].index(dnat) + 1
+            spec = shlex.split(dnat.replace("10.244.1.12:8080", "10.244.1.11:8080"))[2:]
+            n.lab.exec(n.node, "iptables", "-t", "nat", "-R", chain, str(index), *spec)
+            assert n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-b")
+            assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
 
 
 def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:

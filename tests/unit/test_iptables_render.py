@@ -973,3 +973,21 @@ def test_drift_in_a_shared_chain_rewrites_it_on_the_next_sync() -> None:
     counts[("nat", C.SERVICES)] = 0
     assert node.renderer.drift(counts) == set()
     assert ":KPA-SERVICES - [0:0]" in node.sync().text
+
+
+def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written() -> None:
+    """Same rule count, different rules: found from the second check on (the first check records
+    how the kernel prints each chain written since the previous one)."""
+    node = two_services()
+    node.renderer.in_sync = True
+    counts = kernel_counts(node)
+    digests = {key: hash(key) for key in counts}
+    svc = ("nat", C.service_chain("SVC", "ns/web:http", "TCP"))
+    edited = {**digests, svc: digests[svc] + 1}
+    assert node.renderer.drift(counts, digests) == set()  # the first check: nothing to compare with yet
+    assert node.renderer.drift(counts, digests) == set()
+    assert node.renderer.drift(counts, edited) == {WEB}
+    # web gets rewritten: its chains are unchecked again until the next check records them
+    node.renderer.render(node.desired, {WEB}, full=False)
+    assert node.renderer.drift(counts, edited) == set()
+    assert node.renderer.drift(counts, digests) == {WEB}

@@ -273,18 +273,27 @@ class IptablesRenderer:
         # hold exactly what this renderer last produced, so drift can be found by comparison.
         self.in_sync = False
         self._node: NodeContext | None = None
+        # Service chains as the kernel printed them at the last check (a digest per chain), and
+        # the chains written since then, which get their digest at the next check: a rule edited
+        # in place (same count) in a chain with a digest is drift.
+        self._digests: dict[tuple[str, str], int] = {}
+        self._unchecked: set[tuple[str, str]] = set()
 
     def reset(self) -> None:
         """Forget what was written (after a failed restore): the next render must be full."""
         self._dispatch_text.clear()
         self._dispatch_count.clear()
+        self._digests.clear()
+        self._unchecked.clear()
         self.in_sync = False
 
-    def drift(self, rule_counts: Mapping[tuple[str, str], int]) -> set[ServicePortName] | None:
+    def drift(self, rule_counts: Mapping[tuple[str, str], int],
+              digests: Mapping[tuple[str, str], int] | None = None) -> set[ServicePortName] | None:
         """Compare what was written with what the kernel holds (rules per chain of ours, from
-        iptables-save; a missing chain counts as different). Returns the service ports whose chains
-        differ (a shared chain that differs is rewritten with them), or None when a base chain
-        differs or nothing was written yet: then only a full rewrite will do."""
+        iptables-save; a missing chain counts as different; a service chain whose rules changed
+        since the last check, count unchanged, too). Returns the service ports whose chains differ
+        (a shared chain that differs is rewritten with them), or None when a base chain differs or
+        nothing was written yet: then only a full rewrite will do."""
         if not self.in_sync or self._node is None:
             return None
         for (table, chain), rules in base_rules(self._node).items():
@@ -293,10 +302,23 @@ class IptablesRenderer:
                 return None
         if any(rule_counts.get(key) != n for key, n in self._dispatch_count.items()):
             self._dispatch_text.clear()
-        return {
-            spn for spn, r in self._rules.items()
-            if any(rule_counts.get((t, name)) != len(rules) for t, cs in r.chains.items() for name, rules in cs)
-        }
+        digests = digests or {}
+        drifted: set[ServicePortName] = set()
+        for spn, r in self._rules.items():
+            for t, cs in r.chains.items():
+                for name, rules in cs:
+                    key = (t, name)
+                    if rule_counts.get(key) != len(rules) or (
+                            key in self._digests and digests.get(key) != self._digests[key]):
+                        drifted.add(spn)
+        for spn, r in self._rules.items():
+            for key in r.chain_names():
+                if spn in drifted:
+                    self._digests.pop(key, None)
+                elif key in self._unchecked and key in digests:
+                    self._digests[key] = digests[key]  # as the kernel printed what was written
+                    self._unchecked.discard(key)
+        return drifted
 
     def render(
         self,
@@ -364,6 +386,14 @@ class IptablesRenderer:
         deleted = {(t, c) for t, c in deleted if c not in wanted[t]}
         for spn, chains in dropped.items():
             dropped[spn] = {(t, c) for t, c in chains if c not in wanted[t]}
+        for key in deleted.union(*dropped.values()):
+            self._digests.pop(key, None)
+            self._unchecked.discard(key)
+        for spn in to_write:  # rewritten chains get their digest at the next check
+            r = self._rules.get(spn)
+            for key in r.chain_names() if r is not None else ():
+                self._digests.pop(key, None)
+                self._unchecked.add(key)
         if batch_chains and sum(len(self._rules[s].chain_names()) for s in to_write if s in self._rules) \
                 <= batch_chains:
             batch_chains = 0  # small enough for one restore: the whole sync stays atomic

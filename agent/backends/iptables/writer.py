@@ -95,7 +95,7 @@ class IptablesBackend:
                 # only what differs (a chain flushed or deleted by hand, a missing jump); a complete
                 # rewrite happens at start-up, after a failure, or when a base chain drifted.
                 saved = self._saved(fam)
-                drifted = renderer.drift(saved.rules)
+                drifted = renderer.drift(saved.rules, saved.digests)
                 if drifted is None:
                     out = renderer.render(state, (), full=True, existing_chains=saved.chains,
                                           batch_chains=batch)
