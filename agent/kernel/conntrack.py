@@ -11,12 +11,21 @@ log = logging.getLogger("agent.conntrack")
 
 
 def argv_for(flow: StaleFlow) -> list[str]:
+    """The conntrack command deleting exactly the flows `flow` names:
+    - an endpoint that went away: flows to the frontend that were DNATed to it;
+    - a service that had no endpoint and now has one: flows to the frontend that were not DNATed
+      (their reply would come from the frontend itself). Flows the new rules already sent to an
+      endpoint are left alone: deleting one mid-request loses its reply."""
     argv = ["conntrack", "-D", "-f", "ipv4" if flow.family == 4 else "ipv6", "-p", "udp"]
     if flow.frontend is not None:
         argv += ["--orig-dst", flow.frontend]
     argv += ["--orig-port-dst", str(flow.port)]
     if flow.endpoint_ip is not None:
         argv += ["--dst-nat", flow.endpoint_ip]
+    elif flow.frontend is not None:
+        argv += ["--reply-src", flow.frontend]
+    else:  # a node port on any node address: not DNATed means the reply comes from that port
+        argv += ["--reply-port-src", str(flow.port)]
     return argv
 
 

@@ -26,7 +26,8 @@ FAMILIES = (4, 6)
 @dataclass(frozen=True, slots=True)
 class StaleFlow:
     """UDP conntrack entries to delete after a sync: to `frontend` (ip or None for any local
-    address, with `port`), optionally only those DNATed to `endpoint_ip`."""
+    address, with `port`), those DNATed to `endpoint_ip` (an endpoint that went away) or, without
+    one, those never DNATed (sent while the service had no endpoint)."""
 
     family: int
     frontend: str | None

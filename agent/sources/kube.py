@@ -81,6 +81,18 @@ def load_client_config(kubeconfig: str | None) -> client.Configuration:
     return cfg
 
 
+def api_headers(cfg: client.Configuration, **extra: str) -> dict[str, str]:
+    """Request headers for the API: JSON, our user agent, and the bearer token (refreshed first:
+    in-cluster tokens rotate)."""
+    headers = {"Accept": "application/json", "User-Agent": "kube-proxy-agent", **extra}
+    if cfg.refresh_api_key_hook is not None:
+        cfg.refresh_api_key_hook(cfg)
+    token = cfg.get_api_key_with_prefix("authorization") or cfg.get_api_key_with_prefix("BearerToken")
+    if token:
+        headers["Authorization"] = token
+    return headers
+
+
 class KubeSource:
     PAGE = 500
     WATCH_SECONDS = 300
@@ -100,14 +112,7 @@ class KubeSource:
         self.on_error: list[Any] = []  # callbacks(resource kind) for metrics
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "kube-proxy-agent"}
-        if self.cfg.refresh_api_key_hook is not None:
-            self.cfg.refresh_api_key_hook(self.cfg)
-        token = self.cfg.get_api_key_with_prefix("authorization") or self.cfg.get_api_key_with_prefix(
-            "BearerToken")
-        if token:
-            headers["Authorization"] = token
-        return headers
+        return api_headers(self.cfg)
 
     def _get(self, path: str, query: dict[str, str], stream: bool, read_timeout: float) -> Any:
         url = f"{self.cfg.host}{path}?{urlencode(query)}"

@@ -19,6 +19,8 @@ import msgspec
 import urllib3
 from kubernetes import client
 
+from agent.sources.kube import api_headers
+
 log = logging.getLogger("agent.events")
 
 CONTROLLER = "kube-proxy-agent"
@@ -73,19 +75,10 @@ class NodeEventRecorder:
             return
         self._thread.join(timeout)
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": CONTROLLER}
-        if self.cfg.refresh_api_key_hook is not None:
-            self.cfg.refresh_api_key_hook(self.cfg)
-        token = self.cfg.get_api_key_with_prefix("authorization") or self.cfg.get_api_key_with_prefix(
-            "BearerToken")
-        if token:
-            headers["Authorization"] = token
-        return headers
-
     def _post(self, body: dict[str, Any]) -> None:
         url = f"{self.cfg.host}/apis/events.k8s.io/v1/namespaces/{EVENT_NAMESPACE}/events"
-        resp = self._pool.request("POST", url, body=msgspec.json.encode(body), headers=self._headers(),
+        resp = self._pool.request("POST", url, body=msgspec.json.encode(body),
+                                  headers=api_headers(self.cfg, **{"Content-Type": "application/json"}),
                                   timeout=urllib3.Timeout(connect=5, read=10), retries=False)
         if resp.status not in (200, 201):
             hint = " (the ClusterRole in manifests/ grants create on events)" if resp.status == 403 else ""

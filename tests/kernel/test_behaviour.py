@@ -232,3 +232,20 @@ def test_service_removed_stops_answering(node: Node) -> None:
     assert node.probe(ips[0], 80, src="pod-b").startswith("pod-a")
     node.remove("gone")
     assert node.probe(ips[0], 80, src="pod-b", timeout=1) in ("TIMEOUT", "UNREACHABLE", "REFUSED")
+
+
+def test_udp_flows_sent_before_a_service_had_endpoints_are_cleared(node: Node) -> None:
+    """A DNS-like client keeps one socket (one 5-tuple): datagrams it sent before the Service had
+    an endpoint made a conntrack entry that was never DNATed, and every later datagram would follow
+    it. When the first endpoint appears, that entry is deleted; the client reaches the pod."""
+    ips = node.cluster_ip()
+    udp = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    ep_udp = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
+    # before the Service exists: routed as plain traffic, nobody answers
+    assert node.probe(ips[0], 53, "udp", src="pod-c", src_port=40054, timeout=0.3) == "TIMEOUT"
+    flows = node.lab.exec(node.node, "conntrack", "-L", "-p", "udp", "--orig-dst", ips[0], check=False)
+    assert "sport=40054" in flows and f"src={ips[0]}" in flows, flows  # not DNATed
+    node.apply("early", [service("early", ips[0], udp), slice_("early-1", "early", [endpoint("pod-a")], ep_udp)])
+    assert wait_for(lambda: node.probe(ips[0], 53, "udp", src="pod-c", src_port=40054, timeout=0.5)
+                    .startswith("pod-a"), 5), node.log_tail()
+    assert "conntrack entries deleted" in node.log.read_text()
