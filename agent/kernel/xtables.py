@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from agent.kernel.commands import CommandError, have, run
@@ -64,10 +65,21 @@ class SavedTables:
 _TABLE = re.compile(r"^\*(\w+)")
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` one at a time: no list of all of them (tens of MB at 10k Services)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        yield text[start:end]
+        start = end + 1
+
+
 def parse_save(text: str, prefix: str) -> SavedTables:
     out = SavedTables()
     table = ""
-    for line in text.splitlines():
+    for line in _lines(text):
         m = _TABLE.match(line)
         if m:
             table = m.group(1)

@@ -273,11 +273,11 @@ class IptablesRenderer:
         # hold exactly what this renderer last produced, so drift can be found by comparison.
         self.in_sync = False
         self._node: NodeContext | None = None
-        # Service chains as the kernel printed them at the last check (a digest per chain), and
-        # the chains written since then, which get their digest at the next check: a rule edited
-        # in place (same count) in a chain with a digest is drift.
-        self._digests: dict[tuple[str, str], int] = {}
-        self._unchecked: set[tuple[str, str]] = set()
+        # Each service port's chains as the kernel printed them at the last check (one digest per
+        # port), and the ports written since then, which get theirs at the next check: a rule
+        # edited in place (same count) in a port with a digest is drift.
+        self._digests: dict[ServicePortName, int] = {}
+        self._unchecked: set[ServicePortName] = set()
 
     def reset(self) -> None:
         """Forget what was written (after a failed restore): the next render must be full."""
@@ -302,22 +302,19 @@ class IptablesRenderer:
                 return None
         if any(rule_counts.get(key) != n for key, n in self._dispatch_count.items()):
             self._dispatch_text.clear()
-        digests = digests or {}
         drifted: set[ServicePortName] = set()
         for spn, r in self._rules.items():
-            for t, cs in r.chains.items():
-                for name, rules in cs:
-                    key = (t, name)
-                    if rule_counts.get(key) != len(rules) or (
-                            key in self._digests and digests.get(key) != self._digests[key]):
-                        drifted.add(spn)
-        for spn, r in self._rules.items():
-            for key in r.chain_names():
-                if spn in drifted:
-                    self._digests.pop(key, None)
-                elif key in self._unchecked and key in digests:
-                    self._digests[key] = digests[key]  # as the kernel printed what was written
-                    self._unchecked.discard(key)
+            if any(rule_counts.get((t, name)) != len(rules) for t, cs in r.chains.items() for name, rules in cs):
+                drifted.add(spn)
+            elif digests is not None:
+                seen = hash(tuple(digests.get((t, name)) for t, cs in r.chains.items() for name, _ in cs))
+                if spn in self._unchecked:
+                    self._digests[spn] = seen  # as the kernel printed what was written
+                    self._unchecked.discard(spn)
+                elif self._digests.get(spn, seen) != seen:
+                    drifted.add(spn)
+        for spn in drifted:
+            self._digests.pop(spn, None)
         return drifted
 
     def render(
@@ -386,14 +383,16 @@ class IptablesRenderer:
         deleted = {(t, c) for t, c in deleted if c not in wanted[t]}
         for spn, chains in dropped.items():
             dropped[spn] = {(t, c) for t, c in chains if c not in wanted[t]}
-        for key in deleted.union(*dropped.values()):
-            self._digests.pop(key, None)
-            self._unchecked.discard(key)
-        for spn in to_write:  # rewritten chains get their digest at the next check
-            r = self._rules.get(spn)
-            for key in r.chain_names() if r is not None else ():
-                self._digests.pop(key, None)
-                self._unchecked.add(key)
+        for spn in to_write:  # rewritten ports get their digest at the next check
+            self._digests.pop(spn, None)
+            if spn in self._rules:
+                self._unchecked.add(spn)
+            else:
+                self._unchecked.discard(spn)
+        if full:
+            self._unchecked &= self._rules.keys()
+            for removed in self._digests.keys() - self._rules.keys():
+                del self._digests[removed]
         if batch_chains and sum(len(self._rules[s].chain_names()) for s in to_write if s in self._rules) \
                 <= batch_chains:
             batch_chains = 0  # small enough for one restore: the whole sync stays atomic

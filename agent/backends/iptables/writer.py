@@ -96,6 +96,7 @@ class IptablesBackend:
                 # rewrite happens at start-up, after a failure, or when a base chain drifted.
                 saved = self._saved(fam)
                 drifted = renderer.drift(saved.rules, saved.digests)
+                saved.digests.clear()  # not needed past the check: free it before rendering
                 if drifted is None:
                     out = renderer.render(state, (), full=True, existing_chains=saved.chains,
                                           batch_chains=batch)
