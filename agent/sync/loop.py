@@ -14,7 +14,7 @@ from agent.health import ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
 from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service
 from agent.model.serviceport import NamespacedName, Problem
-from agent.model.state import ClusterModel, StaleFlow, Update
+from agent.model.state import ClusterModel, StaleFlow
 from agent.sync.tallies import PlanTallies
 
 log = logging.getLogger("agent.sync")
@@ -24,6 +24,8 @@ KINDS = tuple(KIND_TYPES)
 
 class SyncLoop:
     """Owns the model; the only place that calls the backend."""
+
+    CARRY = 10_000  # stale flows and trigger times kept across failed syncs, at most
 
     def __init__(
         self,
@@ -59,6 +61,8 @@ class SyncLoop:
         self.failures = 0
         self._failing = False
         self._tallies = PlanTallies()
+        self._stale_flows: list[StaleFlow] = []
+        self._trigger_times: list[str] = []
 
     # -- inputs (source threads) ------------------------------------------------------------
 
@@ -132,6 +136,10 @@ class SyncLoop:
             update = self.model.drain()
             # from what the drain changed, whether or not the backend then writes it
             self._tallies.apply(self.model.desired, update.changed)
+            # a failed sync keeps these for the next successful one (the model reports them once)
+            if update.stale_flows:
+                self._stale_flows = list(dict.fromkeys(self._stale_flows + update.stale_flows))[-self.CARRY:]
+            self._trigger_times = (self._trigger_times + update.trigger_times)[-self.CARRY:]
             self.metrics.service_changes_pending.set(0)
             self.metrics.endpoint_changes_pending.set(0)
         self.metrics.service_changes.inc(update.services_changed)
@@ -154,13 +162,13 @@ class SyncLoop:
                       self.backend.name, full, str(exc))
             if not self._failing:  # one Warning per failure streak, not one per retry
                 self.on_event("Warning", "SyncFailed", "SyncProxyRules",
-                            f"{self.backend.name} rules not written: {exc}; previous rules stay, retrying")
+                              f"{self.backend.name} rules not written: {exc}; previous rules stay, retrying")
             self._failing = True
             return False
         elapsed = time.monotonic() - start
         if self._failing:
             self.on_event("Normal", "SyncRecovered", "SyncProxyRules",
-                        f"{self.backend.name} rules written again after {self.failures} failed sync(s) in all")
+                          f"{self.backend.name} rules written again after {self.failures} failed sync(s) in all")
             self._failing = False
         self._need_full = False
         self.syncs += 1
@@ -169,7 +177,7 @@ class SyncLoop:
         self.metrics.last_sync.set(self._wall())
         self.health.updated()
         self._account(result.written, result.totals)
-        self._after_sync(update)
+        self._after_sync()
         log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s", self.backend.name, full,
                  changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())))
         return True
@@ -184,17 +192,19 @@ class SyncLoop:
             for name, n in totals.items():
                 self.metrics.nft_elements.labels(name).set(n)
 
-    def _after_sync(self, update: Update) -> None:
+    def _after_sync(self) -> None:
         now = self._wall()
-        for t in update.trigger_times:
+        triggers, self._trigger_times = self._trigger_times, []
+        for t in triggers:
             try:
                 ts = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 continue
             if ts <= now:
                 self.metrics.network_programming.observe(now - ts)
-        if update.stale_flows and self._flush_conntrack is not None:
-            self._flush_conntrack(update.stale_flows)
+        stale, self._stale_flows = self._stale_flows, []
+        if stale and self._flush_conntrack is not None:
+            self._flush_conntrack(stale)
         for policy, n in self._tallies.no_local.items():
             self.metrics.no_local_endpoints.labels(policy).set(n)
         if self._hc is not None and self._tallies.health_checks_changed:

@@ -14,6 +14,8 @@ from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, sl
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
 from tests.netlab import wait_for, who
 
+UDP53 = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+EP_UDP = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
 
@@ -106,9 +108,12 @@ def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:
     if mode != "iptables":
         return  # the nftables refusal path is the test below
     with fresh_node(mode, ["--sync-period", "60s"]) as n:
-        ips = n.cluster_ip()
+        ips, dns = n.cluster_ip(), n.cluster_ip()
         n.apply("ref", [service("ref", ips[0], HTTP),
-                        slice_("ref-1", "ref", [endpoint("pod-a"), endpoint("pod-b")], EP_HTTP)])
+                        slice_("ref-1", "ref", [endpoint("pod-a"), endpoint("pod-b")], EP_HTTP),
+                        service("dns", dns[0], UDP53), slice_("dns-1", "dns", [endpoint("pod-a")], EP_UDP)])
+        # a DNS-like client: one socket, so one conntrack entry, DNATed to pod-a
+        assert n.probe(dns[0], 53, "udp", src="pod-r", src_port=40056).startswith("pod-a")
         # Someone else's rule jumps into one of our endpoint chains, so we cannot delete it.
         save = n.lab.exec(n.node, "iptables-save", "-t", "nat")
         sep = sorted(set(re.findall(r"KPA-SEP-\w+", save)))[0]
@@ -126,6 +131,10 @@ def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:
         n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "FOREIGN")
         assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
         n.lab.exec(n.node, "iptables", "-t", "nat", "-X", "FOREIGN")
+        # The refused sync also moved dns from pod-a to pod-c: the conntrack cleanup that change
+        # needs waited for the first sync that worked, so the same client socket moves on too.
+        assert wait_for(lambda: n.probe(dns[0], 53, "udp", src="pod-r", src_port=40056, timeout=0.5)
+                        .startswith("pod-c"), 10), n.log_tail()
 
 
 def _nft_chains(n: Node) -> set[str]:
