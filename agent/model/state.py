@@ -206,10 +206,8 @@ class ClusterModel:
                 cat = categorize(info, eps, ctx.node_name, ctx.zone)
                 serving = frozenset(e.ip for e in eps if e.ready or e.serving)
                 new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any, serving)
-            known = by_service.get(svc, set())
-            for spn in [p for p in known if p not in new_plans]:
+            for spn in by_service.get(svc, set()) - new_plans.keys():
                 old = state.services.pop(spn)
-                known.discard(spn)
                 changed.add(spn)
                 _stale_for(old, None, stale)
             for spn, plan in new_plans.items():

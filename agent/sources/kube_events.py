@@ -1,6 +1,6 @@
 """Kubernetes Events about this node's proxy (events.k8s.io/v1), as kube-proxy posts them:
-`kubectl get events --field-selector regarding.name=NODE` shows when the agent started and when
-its rules stopped being written.
+`kubectl get events -n default --field-selector involvedObject.name=NODE` shows when the agent
+started and when its rules stopped (and started again) being written.
 
 Posting never blocks the agent: events go through a small bounded queue to one thread; a full queue
 drops the event, and an API failure is logged once per reason and counted, never raised.
@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +52,8 @@ def node_event(node: str, type_: str, reason: str, action: str, note: str, now: 
 class NodeEventRecorder:
     """Posts Events about one Node. `emit` returns at once."""
 
-    def __init__(self, cfg: client.Configuration, node: str, on_error: Any = None, max_queue: int = 32) -> None:
+    def __init__(self, cfg: client.Configuration, node: str, on_error: Callable[[str], None] | None = None,
+                 max_queue: int = 32) -> None:
         self.cfg = cfg
         self.node = node
         self._pool = client.ApiClient(cfg).rest_client.pool_manager
