@@ -118,6 +118,16 @@ def main() -> int:
             if line.startswith("kubeproxy") and "_bucket{" not in line and "_created" not in line:
                 print(f"    {line}")
 
+        step("Events the agents posted about their Nodes (kubectl get events -n default "
+             "--field-selector involvedObject.name=NODE)")
+        for n in (n1, n2):
+            items = h.api.get("/api/v1/namespaces/default/events",
+                              fieldSelector=f"involvedObject.name={n.name}").get("items", [])
+            for e in items:
+                say(f"{n.name}: {e.get('type')} {e.get('reason')}: {e.get('message') or e.get('note', '')}")
+            if not items:
+                say(f"{n.name}: none yet (they are posted off the sync path)")
+
         step("tearing down (agents, control plane, namespaces, veths)")
     print(f"\ndemo finished in {time.monotonic() - t_start:.0f}s", flush=True)
     return 0
