@@ -107,12 +107,12 @@ def _model(cfg: AgentConfig) -> ClusterModel:
 
 
 def _loop(cfg: AgentConfig, backend: Backend, metrics: Metrics, health: ProxyHealth,
-          hc: ServiceHealthServers | None) -> SyncLoop:
+          hc: ServiceHealthServers | None, cleaner: conntrack.Cleaner | None = None) -> SyncLoop:
     from agent.kernel.addresses import local_ips
 
     return SyncLoop(_model(cfg), backend, metrics, health, node_name=cfg.hostname_override,
                     local_ips=local_ips if cfg.nodeport_addresses else None,
-                    flush_conntrack=conntrack.flush, hc_servers=hc)
+                    flush_conntrack=cleaner.submit if cleaner is not None else None, hc_servers=hc)
 
 
 def cmd_render(cfg: AgentConfig, desired_table: bool) -> int:
@@ -145,7 +145,8 @@ def run_daemon(cfg: AgentConfig) -> int:
     health = ProxyHealth(timeout=2 * cfg.sync_period)
     hc = None if cfg.once else ServiceHealthServers(
         proxy_healthy=lambda: health.status(check_node=False)[0])
-    loop = _loop(cfg, backend, metrics, health, hc)
+    cleaner = conntrack.Cleaner()
+    loop = _loop(cfg, backend, metrics, health, hc, cleaner)
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
         if port:
@@ -188,6 +189,7 @@ def run_daemon(cfg: AgentConfig) -> int:
         ok = loop.sync(full=True)
         if not ok:
             print("sync failed; see the log line above for the reason", file=sys.stderr)
+        cleaner.idle(60)  # the stale UDP flows that sync found, before exiting
         return 0 if ok else 1
 
     runner = Runner(loop.sync, Schedule(cfg.min_sync_period, cfg.sync_period, retry_interval=cfg.min_sync_period

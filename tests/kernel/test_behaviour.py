@@ -248,4 +248,4 @@ def test_udp_flows_sent_before_a_service_had_endpoints_are_cleared(node: Node) -
     node.apply("early", [service("early", ips[0], udp), slice_("early-1", "early", [endpoint("pod-a")], ep_udp)])
     assert wait_for(lambda: node.probe(ips[0], 53, "udp", src="pod-c", src_port=40054, timeout=0.5)
                     .startswith("pod-a"), 5), node.log_tail()
-    assert "conntrack entries deleted" in node.log.read_text()
+    assert wait_for(lambda: "conntrack entries deleted" in node.log.read_text(), 5)
