@@ -208,6 +208,7 @@ def run_daemon(cfg: AgentConfig) -> int:
     runner.stop()
     if hc is not None:
         hc.close()
+    cleaner.idle(5)  # stale UDP flows found by the last syncs
     if recorder is not None:
         recorder.close()
     return 0
