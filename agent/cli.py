@@ -17,20 +17,20 @@ import yaml
 from prometheus_client import start_http_server
 
 from agent import log as logsetup
-from agent.backends.base import Backend, UnsupportedMode
-from agent.backends.registry import make_backend
+from agent.backends import registry
+from agent.backends.base import Backend, SyncError, UnsupportedMode
 from agent.config import (
-    MODES,
     AgentConfig,
     ConfigError,
     from_config_file,
     parse_bind,
     parse_cidrs,
     parse_duration,
+    parse_setting,
     validate,
 )
 from agent.health import ProxyHealth, ServiceHealthServers, health_responder, serve
-from agent.kernel import conntrack
+from agent.kernel.commands import CommandError
 from agent.metrics import Metrics
 from agent.model.state import ClusterModel
 from agent.sources.file import FileSource
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "would program without touching the kernel.",
     )
     a = p.add_argument
-    a("--proxy-mode", choices=MODES, help="how Services are programmed (default iptables)")
+    a("--proxy-mode", choices=registry.MODES, help=f"how Services are programmed (default {registry.DEFAULT_MODE})")
     a("--kubeconfig", help="kubeconfig file; in-cluster config when absent")
     a("--hostname-override", help="this node's name (default: the hostname)")
     a("--cluster-cidr", help="pod CIDRs, comma separated; traffic from outside is masqueraded")
@@ -65,17 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     a("--once", action="store_true", help="sync once and exit (non-zero if the sync failed)")
     a("--cleanup", action="store_true", help="remove every rule this mode created, then exit")
     a("-v", "--v", dest="verbosity", type=int, default=None, help="log verbosity (4+ is debug)")
+    modes = p.add_argument_group("mode settings (read by the mode they belong to)")
+    for setting in registry.settings():
+        modes.add_argument(setting.flag, dest="mode:" + setting.name, metavar=setting.kind.upper(),
+                           help=f"{setting.help} (default {setting.default!r})")
     return p
 
 
 def build_config(ns: argparse.Namespace) -> AgentConfig:
     values: dict[str, Any] = {}
+    settings = registry.settings()
     if ns.config:
         try:
             doc = yaml.safe_load(Path(ns.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"--config {ns.config}: cannot read: {exc}") from exc
-        values.update(from_config_file(doc))
+        values.update(from_config_file(doc, settings))
     flag_map: dict[str, Any] = {
         "proxy_mode": ns.proxy_mode,
         "kubeconfig": ns.kubeconfig,
@@ -94,6 +99,19 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
         "verbosity": ns.verbosity,
     }
     values.update({k: v for k, v in flag_map.items() if v is not None})
+    mode_settings = dict(values.get("mode_settings", {}))
+    for setting in settings:
+        raw = getattr(ns, "mode:" + setting.name, None)
+        if raw is not None:
+            mode_settings[setting.name] = parse_setting(setting, raw, setting.flag)
+    if mode_settings:
+        values["mode_settings"] = mode_settings
+    # a mode's own period settings (its --<mode>-sync-period, say) win while that mode runs
+    mode = values.get("proxy_mode", registry.DEFAULT_MODE)
+    if mode in registry.MODES:
+        for setting in registry.spec(mode).settings:
+            if setting.overrides and setting.name in mode_settings:
+                values[setting.overrides] = mode_settings[setting.name]
     known = {f.name for f in fields(AgentConfig)}
     cfg = AgentConfig(**{k: v for k, v in values.items() if k in known})
     if not cfg.hostname_override:
@@ -106,47 +124,56 @@ def _model(cfg: AgentConfig) -> ClusterModel:
     return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, cfg.nodeport_addresses)
 
 
+def _backend(cfg: AgentConfig, families: tuple[int, ...] | None = None, metrics: Metrics | None = None) -> Backend:
+    return registry.make_backend(cfg.proxy_mode, families, cfg.mode_settings,
+                                 metrics.registry if metrics is not None else None)
+
+
 def _loop(cfg: AgentConfig, backend: Backend, metrics: Metrics, health: ProxyHealth,
-          hc: ServiceHealthServers | None, cleaner: conntrack.Cleaner | None = None) -> SyncLoop:
+          hc: ServiceHealthServers | None) -> SyncLoop:
     from agent.kernel.addresses import local_ips
 
     return SyncLoop(_model(cfg), backend, metrics, health, node_name=cfg.hostname_override,
-                    local_ips=local_ips if cfg.nodeport_addresses else None,
-                    flush_conntrack=cleaner.submit if cleaner is not None else None, hc_servers=hc)
+                    local_ips=local_ips, hc_servers=hc)
 
 
-def cmd_render(cfg: AgentConfig, desired_table: bool) -> int:
+def cmd_render(cfg: AgentConfig, what: str) -> int:
     if not cfg.source:
         print("render needs --source PATH (a YAML file or directory of Services, EndpointSlices, Nodes)",
               file=sys.stderr)
         return 2
-    backend = make_backend(cfg.proxy_mode, (4, 6))
+    backend = _backend(cfg, (4, 6))
     metrics = Metrics()
     loop = _loop(cfg, backend, metrics, ProxyHealth(2 * cfg.sync_period), None)
     src = FileSource(cfg.source, loop)
     src.check()
     src.load_once()
+    loop.refresh_node_addresses()
     loop.model.drain()
-    if desired_table:
+    if what == "desired":
         for fam in (4, 6):
             sys.stdout.write(loop.model.desired[fam].table())
+    elif what == "frontends":
+        for fam in (4, 6):
+            fronts = loop.model.desired[fam].frontends
+            sys.stdout.write(f"# IPv{fam} frontends={len(fronts)}\n{fronts.table()}")
     else:
         sys.stdout.write(backend.render(loop.model.desired))
     return 0
 
 
 def run_daemon(cfg: AgentConfig) -> int:
-    backend = make_backend(cfg.proxy_mode)
+    metrics = Metrics()
+    backend = _backend(cfg, metrics=metrics)
     backend.check_supported()
     log.info("starting kube-proxy-agent mode=%s node=%s source=%s cluster_cidrs=%s", cfg.proxy_mode,
              cfg.hostname_override, cfg.source or ("kubeconfig " + cfg.kubeconfig if cfg.kubeconfig
                                                   else "in-cluster"), ",".join(cfg.cluster_cidrs) or "-")
-    metrics = Metrics()
     health = ProxyHealth(timeout=2 * cfg.sync_period)
     hc = None if cfg.once else ServiceHealthServers(
         proxy_healthy=lambda: health.status(check_node=False)[0])
-    cleaner = conntrack.Cleaner()
-    loop = _loop(cfg, backend, metrics, health, hc, cleaner)
+    loop = _loop(cfg, backend, metrics, health, hc)
+    backend.start()
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
         if port:
@@ -189,7 +216,7 @@ def run_daemon(cfg: AgentConfig) -> int:
         ok = loop.sync(full=True)
         if not ok:
             print("sync failed; see the log line above for the reason", file=sys.stderr)
-        cleaner.idle(60)  # the stale UDP flows that sync found, before exiting
+        backend.close(60)  # e.g. the stale UDP flows that sync found, before exiting
         return 0 if ok else 1
 
     runner = Runner(loop.sync, Schedule(cfg.min_sync_period, cfg.sync_period, retry_interval=cfg.min_sync_period
@@ -200,6 +227,7 @@ def run_daemon(cfg: AgentConfig) -> int:
     source.start()
     while not loop.ready.wait(0.2):
         if stop.is_set():
+            backend.close(5)
             return 0
     runner.start()
     stop.wait()
@@ -208,7 +236,7 @@ def run_daemon(cfg: AgentConfig) -> int:
     runner.stop()
     if hc is not None:
         hc.close()
-    cleaner.idle(5)  # stale UDP flows found by the last syncs
+    backend.close(5)  # leaves the datapath serving; finishes the mode's queued cleanup
     if recorder is not None:
         recorder.close()
     return 0
@@ -222,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[1:]
         parser.prog += " render"
         parser.add_argument("--desired", action="store_true", help="print the mode-independent desired state")
+        parser.add_argument("--frontends", action="store_true",
+                            help="print every frontend (address:port/protocol) with its endpoints")
     ns = parser.parse_args(args)
     try:
         cfg = build_config(ns)
@@ -231,9 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.setup(cfg.verbosity)
     try:
         if render:
-            return cmd_render(cfg, ns.desired)
+            return cmd_render(cfg, "desired" if ns.desired else "frontends" if ns.frontends else "mode")
         if ns.cleanup:
-            make_backend(cfg.proxy_mode).cleanup()
+            try:
+                _backend(cfg).cleanup()
+            except (SyncError, CommandError) as exc:
+                print(f"kube-proxy-agent: --cleanup --proxy-mode {cfg.proxy_mode} failed: {exc}; "
+                      "what was removed stays removed, run it again", file=sys.stderr)
+                return 1
             log.info("cleanup done mode=%s", cfg.proxy_mode)
             return 0
         return run_daemon(cfg)

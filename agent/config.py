@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-MODES = ("iptables", "nftables", "ipvs", "ebpf")
+if TYPE_CHECKING:
+    from agent.backends.base import Setting
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,9 @@ class AgentConfig:
     source: str | None = None
     once: bool = False
     verbosity: int = 0
+    # mode-specific settings given by flag or config file (Setting.name -> value); a mode gets its
+    # own, with defaults for the rest
+    mode_settings: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +80,43 @@ def parse_bind(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def from_config_file(doc: dict[str, Any]) -> dict[str, Any]:
+def parse_setting(setting: Setting, raw: Any, what: str) -> Any:
+    """A mode setting's value from a flag (text) or a config file (YAML scalar or list)."""
+    if setting.kind == "duration":
+        return parse_duration(raw, what)
+    if setting.kind == "cidrs":
+        return parse_cidrs(raw, what) if raw else ()
+    if setting.kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{what}: {raw!r} is not true or false")
+        return text in ("true", "1")
+    if setting.kind == "int":
+        try:
+            return int(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{what}: {raw!r} is not a whole number") from exc
+    value = str(raw)
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"{what}: {value!r} is not one of {', '.join(setting.choices)}")
+    return value
+
+
+def mode_settings_from(doc: dict[str, Any], settings: Iterable[Setting]) -> dict[str, Any]:
+    """Mode settings found in a KubeProxyConfiguration (e.g. `ipvs: {scheduler: sh}`)."""
+    out: dict[str, Any] = {}
+    for s in settings:
+        node: Any = doc
+        for part in s.config:
+            node = node.get(part) if isinstance(node, dict) else None
+        if s.config and node not in (None, "", []):
+            out[s.name] = parse_setting(s, node, ".".join(s.config))
+    return out
+
+
+def from_config_file(doc: dict[str, Any], settings: Iterable[Setting] = ()) -> dict[str, Any]:
     """The KubeProxyConfiguration subset we read, as AgentConfig field values."""
     if doc.get("kind", "KubeProxyConfiguration") != "KubeProxyConfiguration":
         raise ConfigError(f"--config: kind is {doc.get('kind')!r}, expected KubeProxyConfiguration")
@@ -102,10 +143,15 @@ def from_config_file(doc: dict[str, Any]) -> dict[str, Any]:
     cc = doc.get("clientConnection") or {}
     if cc.get("kubeconfig"):
         out["kubeconfig"] = cc["kubeconfig"]
+    found = mode_settings_from(doc, settings)
+    if found:
+        out["mode_settings"] = found
     return out
 
 
 def validate(cfg: AgentConfig) -> None:
+    from agent.backends.registry import MODES  # the one list of modes
+
     if cfg.proxy_mode not in MODES:
         raise ConfigError(f"--proxy-mode {cfg.proxy_mode!r} is not one of {', '.join(MODES)}")
     parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")

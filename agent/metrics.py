@@ -20,7 +20,8 @@ NETWORK_PROGRAMMING_BUCKETS = (
 
 
 class Metrics:
-    """Every metric the agent exports, on its own registry (so tests can make several)."""
+    """The metrics every mode shares, on one registry (so tests can make several). A mode registers
+    its own (kube-proxy's metrics for that mode) on the same registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -55,24 +56,6 @@ class Metrics:
         self.no_local_endpoints = Gauge(
             p + "sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints", ["traffic_policy"], registry=r)
-        self.iptables_total = Gauge(
-            p + "sync_proxy_rules_iptables_total", "Total number of iptables rules owned by kube-proxy",
-            ["table"], registry=r)
-        self.iptables_last = Gauge(
-            p + "sync_proxy_rules_iptables_last", "Number of iptables rules written by kube-proxy in last sync",
-            ["table"], registry=r)
-        self.restore_failures = Counter(
-            p + "sync_proxy_rules_iptables_restore_failures", "Cumulative proxy iptables restore failures",
-            registry=r)
-        self.partial_restore_failures = Counter(
-            p + "sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative proxy iptables partial restore failures", registry=r)
-        self.nft_transaction_failures = Counter(
-            p + "sync_proxy_rules_nftables_transaction_failures",
-            "Cumulative nft transactions the kernel refused", registry=r)
-        self.nft_elements = Gauge(
-            p + "sync_proxy_rules_nftables_elements", "Number of elements in each nftables map or set",
-            ["map"], registry=r)
         self.healthz = Counter(p + "proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
         self.livez = Counter(p + "proxy_livez", "Cumulative proxy livez HTTP status", ["code"], registry=r)
         self.invalid_objects = Counter(

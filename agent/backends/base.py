@@ -1,12 +1,21 @@
-"""The interface every proxy mode implements, and what a sync reports back."""
+"""What a proxy mode is: the interface every mode implements, what it is given, what a sync reports
+back, and how a mode describes itself to the registry (its name, settings and factory).
+
+A mode owns everything about its kernel state: what it writes, its own metrics (registered on the
+registry it is given), the cleanup of stale flows after a sync, and what it leaves when the agent
+stops. The sync loop only hands it desired state and changes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent.model.desired import ChangedPorts, DesiredState
+from agent.model.desired import Changes, DesiredState
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 class UnsupportedMode(RuntimeError):
@@ -14,34 +23,137 @@ class UnsupportedMode(RuntimeError):
 
 
 class SyncError(RuntimeError):
-    """Writing to the kernel failed; the previous rules stay in place. `kind` labels the metric."""
+    """Writing to the kernel failed; the previous state stays in place. The mode has already
+    counted it in its own metrics; `partial` says whether an incremental sync failed."""
 
-    def __init__(self, message: str, kind: str = "restore", partial: bool = False) -> None:
+    def __init__(self, message: str, partial: bool = False) -> None:
         super().__init__(message)
-        self.kind = kind
         self.partial = partial
 
 
 @dataclass(slots=True)
 class SyncResult:
-    written: dict[str, int] = field(default_factory=dict)  # rules/elements written, per table or map
-    totals: dict[str, int] = field(default_factory=dict)  # rules/elements now present, per table or map
+    """What one successful sync did, in the mode's own words (for the sync log line; the mode has
+    already put these in its own metrics)."""
+
+    written: dict[str, int] = field(default_factory=dict)  # e.g. rules per table, elements per map
+    totals: dict[str, int] = field(default_factory=dict)  # what the kernel holds now, same keys
     detail: str = ""
 
 
 class Backend(Protocol):
-    name: ClassVar[str]
+    """One proxy mode. Lifecycle: check_supported() -> start() -> sync()... -> close()."""
+
+    @property
+    def name(self) -> str:
+        """The mode's name, as --proxy-mode takes it."""
 
     def check_supported(self) -> None:
-        """Raise UnsupportedMode naming what is missing and which mode would work."""
+        """Raise UnsupportedMode naming what is missing and which mode would work. Touches nothing."""
 
-    def sync(
-        self, desired: Mapping[int, DesiredState], changed: Mapping[int, ChangedPorts], *, full: bool
-    ) -> SyncResult:
-        """Make the kernel match `desired`; with full=False only `changed` ports need writing."""
+    def start(self) -> None:
+        """Take over what a previous run of this mode left (the first sync replaces it without a gap
+        in service); start the mode's own threads."""
+
+    def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
+        """Make the kernel match `desired`; with full=False only what `changes` names needs writing.
+        After writing, the mode cleans up the stale flows the changes carry. Raises SyncError
+        (previous state kept) when the kernel refuses; then the same stale flows come again."""
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         """Exactly what a full sync would program, as text, without touching the kernel."""
 
     def cleanup(self) -> None:
-        """Remove everything this mode ever created, and nothing else. Idempotent."""
+        """Remove everything this mode ever created, and nothing else (not another mode's state).
+        Idempotent."""
+
+    def close(self, timeout: float) -> None:
+        """The agent stops: leave the datapath serving, finish queued cleanup (up to `timeout` s)."""
+
+
+SettingKind = Literal["str", "int", "bool", "duration", "cidrs"]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A mode-specific flag and its KubeProxyConfiguration field, with kube-proxy's name and default.
+
+    `overrides` names an AgentConfig field this setting replaces while the mode runs (e.g.
+    --ipvs-sync-period for sync_period), when it is given."""
+
+    name: str  # key in AgentConfig.mode_settings, e.g. "ipvs_scheduler"
+    flag: str  # e.g. "--ipvs-scheduler"
+    config: tuple[str, ...]  # path in a KubeProxyConfiguration, e.g. ("ipvs", "scheduler")
+    kind: SettingKind
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    overrides: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModeOptions:
+    """What the composition root hands a mode when it builds it."""
+
+    families: tuple[int, ...] = (4, 6)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # this mode's settings, defaults filled in
+    registry: CollectorRegistry | None = None  # where the mode's metrics go; None: a private registry
+
+
+@dataclass(frozen=True, slots=True)
+class ModeSpec:
+    """A mode as the registry lists it. `factory` imports the mode's code only when called, so a
+    mode whose kernel libraries are missing still lists, and says what is missing."""
+
+    name: str
+    summary: str
+    factory: Callable[[ModeOptions], Backend]
+    settings: tuple[Setting, ...] = ()
+    built: bool = True  # False: listed, but check_supported() says it is not in this release
+
+    def options(self, families: tuple[int, ...], given: Mapping[str, Any],
+                registry: CollectorRegistry | None = None) -> ModeOptions:
+        values = {s.name: given.get(s.name, s.default) for s in self.settings}
+        return ModeOptions(families, values, registry)
+
+
+class NotBuilt:
+    """A mode listed but not built in this release: check_supported() says so, after saying what
+    this machine would lack for it anyway (`gap`: "" when nothing)."""
+
+    def __init__(self, name: str, gap: Callable[[], str]) -> None:
+        self._name = name
+        self._gap = gap
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def check_supported(self) -> None:
+        gap = self._gap()
+        if gap:
+            raise UnsupportedMode(
+                f"--proxy-mode {self._name} cannot run here: {gap}. "
+                "Use --proxy-mode nftables or --proxy-mode iptables, which need only netfilter"
+            )
+        raise UnsupportedMode(
+            f"--proxy-mode {self._name} is not implemented in this release of kube-proxy-agent; "
+            "use --proxy-mode nftables or --proxy-mode iptables"
+        )
+
+    def start(self) -> None:
+        self.check_supported()
+
+    def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
+        self.check_supported()
+        return SyncResult()
+
+    def render(self, desired: Mapping[int, DesiredState]) -> str:
+        self.check_supported()
+        return ""
+
+    def cleanup(self) -> None:
+        """Nothing was ever created."""
+
+    def close(self, timeout: float) -> None:
+        """Nothing runs."""

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from agent.kernel.commands import CommandError, have, run
-from agent.model.state import StaleFlow
+from agent.model.desired import StaleFlow
 
 log = logging.getLogger("agent.conntrack")
 
@@ -48,7 +48,10 @@ class Cleaner:
     """Runs `flush` on its own thread, in the order syncs hand flows over, so a sync never waits
     for conntrack (each delete scans the table: about 90 ms at 60k entries here). Flows wait in a
     bounded, de-duplicated queue; past `limit` the oldest are dropped with a warning (their entries
-    then expire on conntrack's own timeouts)."""
+    then expire on conntrack's own timeouts).
+
+    A helper for the modes whose datapath uses netfilter conntrack (iptables, nftables, IPVS): each
+    submits the stale flows of a sync once its new rules are written."""
 
     def __init__(self, limit: int = 100_000, flush_fn: Callable[[list[StaleFlow]], None] = flush) -> None:
         self._flush = flush_fn
@@ -59,6 +62,8 @@ class Cleaner:
         threading.Thread(target=self._run, name="conntrack", daemon=True).start()
 
     def submit(self, flows: list[StaleFlow]) -> None:
+        if not flows:
+            return
         with self._cond:
             self._pending.update(dict.fromkeys(flows))
             over = len(self._pending) - self._limit

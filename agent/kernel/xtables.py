@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from agent.kernel.commands import CommandError, have, run
@@ -96,3 +96,129 @@ def parse_save(text: str, prefix: str) -> SavedTables:
         elif line.startswith("-A ") and f"-j {prefix}" in line:
             out.hooks[table].append(line)
     return out
+
+
+# -- writing: shared by every mode that programs xtables rules -----------------------------------
+
+HOOK_COMMENT = "kube-proxy-agent"
+_LINE = re.compile(r"line (\d+)")
+
+
+# A jump from a built-in chain into one of a mode's chains, the only kind of rule a mode adds
+# outside its own chains: (table, built-in chain, the mode's chain, extra match such as
+# "-m conntrack --ctstate NEW"). Plain tuples, so a mode's pure render code can declare them.
+Hook = tuple[str, str, str, str]
+
+
+def hook_rule(hook: Hook, comment: str = HOOK_COMMENT) -> str:
+    _, builtin, chain, match = hook
+    extra = f"{match} " if match else ""
+    return f"-A {builtin} {extra}-m comment --comment {comment} -j {chain}"
+
+
+class RestoreFailed(RuntimeError):
+    """iptables-restore refused an input; the message has its error and the offending line."""
+
+    def __init__(self, message: str, offending: str) -> None:
+        super().__init__(message)
+        self.offending = offending
+
+
+def offending_line(text: str, stderr: str) -> str:
+    """The input line an iptables-restore error names ("line N failed"), or ""."""
+    m = _LINE.search(stderr)
+    if not m:
+        return ""
+    n = int(m.group(1))
+    start = 0
+    for _ in range(n - 1):  # without a list of every line: restore inputs reach tens of MB
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return ""
+    end = text.find("\n", start)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def restore(tools: Tools, family: int, text: str, timeout: float = 300) -> None:
+    """`iptables-restore --noflush` of `text` (atomic per table); RestoreFailed when refused."""
+    argv = [tools.binary(family, "restore"), "-w", "5", "--noflush"]
+    try:
+        run(argv, stdin=text, timeout=timeout)
+    except CommandError as exc:
+        bad = offending_line(text, exc.stderr)
+        raise RestoreFailed(
+            f"{argv[0]} failed: {exc.stderr or 'exit ' + str(exc.code)}" + (f"; offending line: {bad}" if bad else ""),
+            bad,
+        ) from exc
+
+
+def missing_hooks(saved: SavedTables, hooks: Iterable[Hook], comment: str = HOOK_COMMENT) -> dict[str, list[str]]:
+    """table -> `-I` lines for the hooks the kernel does not hold (inserted first, as kube-proxy)."""
+    out: dict[str, list[str]] = {}
+    for hook in hooks:
+        table, builtin, chain, match = hook
+        present = any(
+            h.startswith(f"-A {builtin} ") and h.endswith(f"-j {chain}") and match in h
+            for h in saved.hooks.get(table, [])
+        )
+        if not present:
+            out.setdefault(table, []).append("-I" + hook_rule(hook, comment)[2:])
+    return out
+
+
+def with_hooks(text: str, hooks: dict[str, list[str]]) -> str:
+    """Insert `hooks` (table -> lines) into each table's block of a restore input, after the
+    chains are declared; tables the input lacks get a block of their own."""
+    if not hooks:
+        return text
+    out: list[str] = []
+    table = ""
+    seen: set[str] = set()
+    for line in _lines(text):
+        if line.startswith("*"):
+            table = line[1:]
+            seen.add(table)
+        if line == "COMMIT":
+            out.extend(hooks.get(table, []))
+        out.append(line)
+    for table, rules in hooks.items():
+        if table not in seen:
+            out += [f"*{table}", *rules, "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+def cleanup_text(saved: SavedTables) -> str:
+    """A restore input removing every chain in `saved` and the jumps into them, nothing else."""
+    out: list[str] = []
+    for table in sorted(set(saved.chains) | set(saved.hooks)):
+        hooks = saved.hooks.get(table, [])
+        ours = sorted(saved.chains.get(table, set()))
+        if not hooks and not ours:
+            continue
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in ours)
+        out.extend("-D" + h[2:] for h in hooks)
+        out.extend(f"-X {c}" for c in ours)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def cleanup_prefix(prefix: str, families: tuple[int, ...] = (4, 6), tools: Tools | None = None) -> list[str]:
+    """Remove every chain whose name starts with `prefix` and every jump into one, in both iptables
+    variants (or just `tools`); returns what it did, one line per (tool, family)."""
+    done: list[str] = []
+    for t in [tools] if tools is not None else [Tools(v) for v in VARIANTS]:
+        for fam in families:
+            save = t.binary(fam, "save")
+            if not have(save):
+                continue
+            try:
+                saved = parse_save(run([save], timeout=120), prefix)
+            except CommandError as exc:
+                done.append(f"could not read rules tool={save} error={exc.stderr!r}")
+                continue
+            text = cleanup_text(saved)
+            if text:
+                run([t.binary(fam, "restore"), "-w", "5", "--noflush"], stdin=text, timeout=300)
+                done.append(f"removed {prefix}* chains tool={save} family=IPv{fam}")
+    return done

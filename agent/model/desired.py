@@ -11,19 +11,45 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from agent.model.endpoints import EndpointInfo
+from agent.model.frontends import FrontendKey, FrontendTable, Unserved
 from agent.model.serviceport import ServicePortInfo, ServicePortName
 
 ChangedPorts = frozenset[ServicePortName]
 
-# What a mode does with traffic no endpoint can take (Unserved), and the steps of the chain that
-# external traffic (node ports, external and load-balancer IPs) enters (ExternalStep).
-Unserved = Literal["drop", "reject"]
+__all__ = ["ChangedPorts", "Changes", "DesiredState", "ExternalStep", "NodeContext", "ServicePlan", "StaleFlow",
+           "Unserved"]
+
+# The steps of the chain that external traffic (node ports, external and load-balancer IPs)
+# enters, for modes that match by chain (ExternalStep).
 ExternalStep = Literal[
     "pods-to-cluster",  # from a cluster CIDR: cluster endpoints, no masquerade (ETP Local short circuit)
     "node-to-cluster",  # from the node itself: masquerade, then cluster endpoints (ETP Local)
     "masquerade-to-cluster",  # everyone: masquerade, then cluster endpoints (ETP Cluster)
     "to-local",  # everyone else: local endpoints, client address kept (ETP Local)
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class StaleFlow:
+    """UDP conntrack entries to delete after a sync: to `frontend` (ip or None for any local
+    address, with `port`), those DNATed to `endpoint_ip` (an endpoint that went away) or, without
+    one, those never DNATed (sent while the service had no endpoint)."""
+
+    family: int
+    frontend: str | None
+    port: int
+    endpoint_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed in one family since the last sync that a mode wrote: the service ports whose
+    plan changed, the frontends (keys) added, removed or changed, and the UDP flows those changes
+    left pointing nowhere (a mode cleans them after writing, in its own way)."""
+
+    ports: ChangedPorts = frozenset()
+    frontends: frozenset[FrontendKey] = frozenset()
+    stale: tuple[StaleFlow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +137,8 @@ class DesiredState:
 
     node: NodeContext
     services: dict[ServicePortName, ServicePlan] = field(default_factory=dict)
+    # every address:port/protocol the node serves in this family, kept in step with `services`
+    frontends: FrontendTable = field(default_factory=FrontendTable)
 
     @property
     def family(self) -> int:

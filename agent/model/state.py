@@ -6,8 +6,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.model.desired import ChangedPorts, DesiredState, NodeContext, ServicePlan
+from agent.model.desired import ChangedPorts, Changes, DesiredState, NodeContext, ServicePlan, StaleFlow
 from agent.model.endpoints import SliceInfo, merge_slices, slice_info
+from agent.model.frontends import FrontendKey, frontend_addresses, nodeport_addresses
 from agent.model.records import ZONE_LABEL, EndpointSlice, Node, Service
 from agent.model.serviceport import (
     NamespacedName,
@@ -22,30 +23,27 @@ from agent.model.tracker import ChangeTracker
 
 FAMILIES = (4, 6)
 
-
-@dataclass(frozen=True, slots=True)
-class StaleFlow:
-    """UDP conntrack entries to delete after a sync: to `frontend` (ip or None for any local
-    address, with `port`), those DNATed to `endpoint_ip` (an endpoint that went away) or, without
-    one, those never DNATed (sent while the service had no endpoint)."""
-
-    family: int
-    frontend: str | None
-    port: int
-    endpoint_ip: str | None = None
+__all__ = ["FAMILIES", "ClusterModel", "NodeInfo", "StaleFlow", "Update"]
 
 
 @dataclass(slots=True)
 class Update:
     """What one drain of the trackers produced."""
 
-    changed: dict[int, ChangedPorts] = field(default_factory=dict)
+    changed: dict[int, ChangedPorts] = field(default_factory=dict)  # service ports whose plan changed
+    frontends: dict[int, frozenset[FrontendKey]] = field(default_factory=dict)  # frontends that changed
     full: bool = False
     trigger_times: list[str] = field(default_factory=list)
     stale_flows: list[StaleFlow] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     services_changed: int = 0
     endpoints_changed: int = 0
+
+    def changes(self, family: int, stale: tuple[StaleFlow, ...] | None = None) -> Changes:
+        """This drain's changes in one family, for a mode; `stale` replaces its own stale flows
+        (the sync loop adds those a failed sync left)."""
+        flows = tuple(f for f in self.stale_flows if f.family == family) if stale is None else stale
+        return Changes(self.changed.get(family, frozenset()), self.frontends.get(family, frozenset()), flows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +111,8 @@ class ClusterModel:
             self._node_dirty = True
 
     def set_local_ips(self, ips: Iterable[str]) -> None:
-        """This node's own addresses (read from the kernel), for --nodeport-addresses."""
+        """This node's own addresses (read from the kernel): NodePort frontends are on them, and
+        --nodeport-addresses narrows the chain-based modes to them (a node-wide change there)."""
         new = tuple(sorted(ips))
         if new != self._local_ips:
             self._local_ips = new
@@ -180,7 +179,14 @@ class ClusterModel:
             planned = {svc for fam in FAMILIES for svc in self._ports_by_service[fam]}
             touched = set(self.services.committed) | planned
         for fam in FAMILIES:
-            update.changed[fam] = self._recompute(fam, touched, update)
+            changed = self._recompute(fam, touched, update)
+            update.changed[fam] = changed
+            state = self.desired[fam]
+            fronts = state.frontends.set_node_addresses(
+                nodeport_addresses(fam, self._local_ips, self._nodeport_cidrs))
+            for spn in changed:
+                fronts |= state.frontends.set_port(spn, state.services.get(spn))
+            update.frontends[fam] = frozenset(fronts)
         return update
 
     def _recompute(self, family: int, touched: set[NamespacedName], update: Update) -> ChangedPorts:
@@ -223,14 +229,6 @@ class ClusterModel:
         return frozenset(changed)
 
 
-def _frontends(info: ServicePortInfo) -> list[tuple[str | None, int]]:
-    out: list[tuple[str | None, int]] = [(info.cluster_ip, info.port)]
-    out += [(ip, info.port) for ip in info.external_ips + info.load_balancer_ips]
-    if info.node_port:
-        out.append((None, info.node_port))
-    return out
-
-
 def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:
     """UDP flows that a plan change leaves pointing nowhere useful (kube-proxy's conntrack cleanup)."""
     either = new or old
@@ -241,9 +239,9 @@ def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[Stale
     new_ips = new.serving if new else frozenset()
     if old is not None:
         for ip in sorted(old_ips - new_ips):
-            for front, port in _frontends(old.info):
+            for front, port in frontend_addresses(old.info):
                 out.append(StaleFlow(info.family, front, port, ip))
     if new is not None and new_ips and not old_ips:
         # Packets sent while there was no endpoint created conntrack entries that go nowhere.
-        for front, port in _frontends(new.info):
+        for front, port in frontend_addresses(new.info):
             out.append(StaleFlow(info.family, front, port, None))

@@ -12,9 +12,10 @@ from datetime import datetime
 from agent.backends.base import Backend, SyncError
 from agent.health import ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
+from agent.model.desired import StaleFlow
 from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service
 from agent.model.serviceport import NamespacedName, Problem
-from agent.model.state import ClusterModel, StaleFlow
+from agent.model.state import FAMILIES, ClusterModel
 from agent.sync.tallies import PlanTallies
 
 log = logging.getLogger("agent.sync")
@@ -36,7 +37,6 @@ class SyncLoop:
         *,
         node_name: str,
         local_ips: Callable[[], Iterable[str]] | None = None,
-        flush_conntrack: Callable[[list[StaleFlow]], None] | None = None,
         hc_servers: ServiceHealthServers | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -46,7 +46,6 @@ class SyncLoop:
         self.health = health
         self.node_name = node_name
         self._local_ips = local_ips
-        self._flush_conntrack = flush_conntrack
         self._hc = hc_servers
         self._wall = wall_clock
         self._lock = threading.Lock()
@@ -124,6 +123,14 @@ class SyncLoop:
 
     # -- the sync -------------------------------------------------------------------------
 
+    def refresh_node_addresses(self) -> None:
+        """Read this node's addresses (NodePort frontends live on them); a change is a change."""
+        if self._local_ips is not None:
+            try:
+                self.model.set_local_ips(self._local_ips())
+            except OSError as exc:  # netlink trouble: keep the addresses we had
+                log.warning("could not read node addresses; keeping the last ones error=%r", str(exc))
+
     def sync(self, full: bool = False) -> bool:
         """One sync; returns success. Never raises for kernel errors (they are counted and logged)."""
         if not self.ready.is_set():
@@ -131,8 +138,7 @@ class SyncLoop:
             return False
         start = time.monotonic()
         with self._lock:
-            if self._local_ips is not None:
-                self.model.set_local_ips(self._local_ips())
+            self.refresh_node_addresses()
             update = self.model.drain()
             # from what the drain changed, whether or not the backend then writes it
             self._tallies.apply(self.model.desired, update.changed)
@@ -147,17 +153,12 @@ class SyncLoop:
         self._record_problems(update.problems)
         full = full or update.full or self._need_full
         changed_count = sum(len(c) for c in update.changed.values())
+        changes = {f: update.changes(f, tuple(s for s in self._stale_flows if s.family == f)) for f in FAMILIES}
         try:
-            result = self.backend.sync(self.model.desired, update.changed, full=full)
+            result = self.backend.sync(self.model.desired, changes, full=full)
         except SyncError as exc:
             self._need_full = True
             self.failures += 1
-            if exc.kind == "restore":
-                self.metrics.restore_failures.inc()
-                if exc.partial:
-                    self.metrics.partial_restore_failures.inc()
-            else:
-                self.metrics.nft_transaction_failures.inc()
             log.error("sync failed mode=%s full=%s error=%r; previous rules stay, next sync is full",
                       self.backend.name, full, str(exc))
             if not self._failing:  # one Warning per failure streak, not one per retry
@@ -176,21 +177,11 @@ class SyncLoop:
         (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
         self.metrics.last_sync.set(self._wall())
         self.health.updated()
-        self._account(result.written, result.totals)
+        self._stale_flows = []  # the mode cleaned them up
         self._after_sync()
         log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s", self.backend.name, full,
                  changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())))
         return True
-
-    def _account(self, written: Mapping[str, int], totals: Mapping[str, int]) -> None:
-        if self.backend.name == "iptables":
-            for table, n in written.items():
-                self.metrics.iptables_last.labels(table).set(n)
-            for table, n in totals.items():
-                self.metrics.iptables_total.labels(table).set(n)
-        elif self.backend.name == "nftables":
-            for name, n in totals.items():
-                self.metrics.nft_elements.labels(name).set(n)
 
     def _after_sync(self) -> None:
         now = self._wall()
@@ -202,9 +193,6 @@ class SyncLoop:
                 continue
             if ts <= now:
                 self.metrics.network_programming.observe(now - ts)
-        stale, self._stale_flows = self._stale_flows, []
-        if stale and self._flush_conntrack is not None:
-            self._flush_conntrack(stale)
         for policy, n in self._tallies.no_local.items():
             self.metrics.no_local_endpoints.labels(policy).set(n)
         if self._hc is not None and self._tallies.health_checks_changed:

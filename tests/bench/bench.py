@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+from agent.backends import registry
 from agent.backends.registry import make_backend
 from agent.model.records import from_builtins
 from agent.model.serviceport import NamespacedName
@@ -63,7 +64,7 @@ def inner(mode: str, size: int, changes: int) -> dict[str, float]:
     backend = make_backend(mode, (4,))
     backend.check_supported()
     t0 = time.perf_counter()
-    backend.sync(model.desired, update.changed, full=True)
+    backend.sync(model.desired, {f: update.changes(f) for f in (4, 6)}, full=True)
     full_s = time.perf_counter() - t0
     lat = []
     rng = random.Random(1)
@@ -72,7 +73,7 @@ def inner(mode: str, size: int, changes: int) -> dict[str, float]:
         t0 = time.perf_counter()
         model.on_slice(NamespacedName("bench", f"svc-{i}-abc"), from_builtins("EndpointSlice", eslice(i, gen)))  # type: ignore[arg-type]
         upd = model.drain()
-        backend.sync(model.desired, upd.changed, full=False)
+        backend.sync(model.desired, {f: upd.changes(f) for f in (4, 6)}, full=False)
         lat.append(time.perf_counter() - t0)
     lat.sort()
     t0 = time.perf_counter()
@@ -89,7 +90,7 @@ def inner(mode: str, size: int, changes: int) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,10000")
-    ap.add_argument("--modes", default="iptables,nftables")
+    ap.add_argument("--modes", default=",".join(s.name for s in registry.SPECS if s.built))
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--inner", nargs=2, metavar=("MODE", "SIZE"))
     args = ap.parse_args()

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
+from agent.backends import registry
 from agent.backends.base import UnsupportedMode
 from agent.backends.registry import make_backend
 from tests.cluster.controlplane import ControlPlaneUnavailable, find_bins
 from tests.cluster.harness import Harness, summarize
 from tests.e2e.support import Cluster, Kit, build_cluster, slug, teardown_cluster
 
-MODES = ("iptables", "nftables")
+MODES = registry.MODES  # every mode; one this machine cannot run is skipped with the reason
 HARNESS_LOG: list[str] = []
 SKIPPED: dict[str, str] = {}  # what -> why (printed in the summary, never silent)
 REPORTS: list[str] = []  # tables added by tests (the side-by-side comparison)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.backends import registry
 from agent.backends.base import UnsupportedMode
 from agent.backends.registry import make_backend
 from tests.netlab import Lab, http_get, metric_sum, probe, wait_for
@@ -42,7 +43,7 @@ PODS = {  # name -> (ipv4, ipv6, node)
     "pod-r": ("10.244.1.20", "fd00:244:1::20", "node2"),
 }
 POD_PORTS = [("tcp", 8080), ("udp", 8080), ("sctp", 8080), ("tcp", 9090)]
-MODES = ("iptables", "nftables")
+MODES = registry.MODES  # every mode; one this machine cannot run is skipped with the reason
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.backends import registry
+
 AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
 
 
-@pytest.mark.parametrize("mode", ["ipvs", "ebpf"])
+@pytest.mark.parametrize("mode", [s.name for s in registry.SPECS if not s.built])
 def test_unusable_mode_exits_at_once_with_the_reason(mode: str, tmp_path: Path) -> None:
     (tmp_path / "empty.yaml").write_text("")
     proc = subprocess.run([AGENT, "--proxy-mode", mode, "--source", str(tmp_path)], capture_output=True,

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.backends import registry
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 DEPLOY = ROOT / "deploy"
@@ -25,8 +27,8 @@ CONTRACT_FLAGS = {
     "--nodeport-addresses", "--metrics-bind-address", "--healthz-bind-address", "--sync-period",
     "--min-sync-period", "--config", "-v", "--cleanup", "--source", "--once",
 }
-PROXY_MODES = {"iptables", "nftables", "ipvs", "ebpf"}
-IMPLEMENTED_MODES = {"iptables", "nftables"}  # what the e2e-kind workflow runs
+PROXY_MODES = set(registry.MODES)
+IMPLEMENTED_MODES = {s.name for s in registry.SPECS if s.built}  # what the e2e-kind workflow runs
 # The KubeProxyConfiguration subset --config reads (plus the standard apiVersion/kind header).
 CONFIG_KEYS = {
     "apiVersion", "kind", "mode", "clusterCIDR", "metricsBindAddress", "healthzBindAddress",

@@ -18,7 +18,7 @@ from agent.backends.base import SyncError, UnsupportedMode
 from agent.backends.nftables import names as N
 from agent.backends.nftables.render import Existing, NftRenderer, render_service
 from agent.backends.nftables.writer import NftablesBackend, offending
-from agent.model.desired import DesiredState, NodeContext, ServicePlan
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.endpoints import EndpointInfo
 from agent.model.serviceport import ServicePortInfo, ServicePortName
 
@@ -614,8 +614,11 @@ def test_writer_failure_names_the_statement_and_forces_a_full_sync() -> None:
     backend._nft = FakeNft(1, "/dev/stdin:1:1-5: Error: Could not process rule: Device or resource busy\n")
     desired[4].services[web.name] = dataclasses.replace(web, cluster=(B,))
     with pytest.raises(SyncError) as exc:
-        backend.sync(desired, {4: frozenset({web.name})}, full=False)
-    assert exc.value.kind == "transaction" and exc.value.partial
+        backend.sync(desired, {4: Changes(frozenset({web.name}))}, full=False)
+    assert exc.value.partial
+    # the mode counts its own failures, under kube-proxy's name and ours
+    assert backend.metrics.sync_failures._value.get() == 1
+    assert backend.metrics.transaction_failures._value.get() == 1
     assert str(exc.value).endswith(
         "Device or resource busy; offending statement: delete element ip kube-proxy-agent hairpin {"
     )

@@ -3,43 +3,44 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import ClassVar
 
+from prometheus_client import CollectorRegistry
+
 from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.iptables import chains as C
+from agent.backends.iptables.metrics import IptablesMetrics
 from agent.backends.iptables.render import IptablesRenderer, RenderResult
+from agent.kernel import conntrack
 from agent.kernel.commands import CommandError, have, run
-from agent.kernel.xtables import SavedTables, Tools, detect_variant, parse_save
-from agent.model.desired import ChangedPorts, DesiredState
+from agent.kernel.xtables import (
+    RestoreFailed,
+    SavedTables,
+    Tools,
+    cleanup_prefix,
+    detect_variant,
+    missing_hooks,
+    parse_save,
+    restore,
+    with_hooks,
+)
+from agent.model.desired import Changes, DesiredState
 
 log = logging.getLogger("agent.iptables")
-_LINE = re.compile(r"line (\d+)")
-
-
-def hook_rule(builtin: str, chain: str, extra: str) -> str:
-    match = f"{extra} " if extra else ""
-    return f"-A {builtin} {match}-m comment --comment kube-proxy-agent -j {chain}"
-
-
-def _offending(text: str, stderr: str) -> str:
-    m = _LINE.search(stderr)
-    if not m:
-        return ""
-    lines = text.splitlines()
-    n = int(m.group(1))
-    return lines[n - 1] if 0 < n <= len(lines) else ""
 
 
 class IptablesBackend:
     name: ClassVar[str] = "iptables"
     BATCH_CHAINS = 2000
 
-    def __init__(self, tools: Tools | None = None, families: tuple[int, ...] = (4, 6)) -> None:
+    def __init__(self, tools: Tools | None = None, families: tuple[int, ...] = (4, 6),
+                 registry: CollectorRegistry | None = None) -> None:
         self._tools = tools
         self.families = families
         self._renderers = {f: IptablesRenderer() for f in families}
+        self.metrics = IptablesMetrics(registry)
+        self.conntrack = conntrack.Cleaner()
 
     @property
     def tools(self) -> Tools:
@@ -63,29 +64,25 @@ class IptablesBackend:
                 "iptables NAT support (or the agent lacks CAP_NET_ADMIN); try --proxy-mode nftables"
             ) from exc
 
+    def start(self) -> None:
+        """Nothing to load: the first sync is full, reads what a previous run left (iptables-save)
+        and rewrites it in place, atomically per table, deleting only leftover KPA- chains."""
+        log.info("iptables mode starting variant=%s; the first sync adopts existing KPA- chains",
+                 self.tools.variant or "plain")
+
+    def close(self, timeout: float) -> None:
+        """Rules stay in the kernel; only the conntrack cleanup still queued is waited for."""
+        self.conntrack.idle(timeout)
+
     def _saved(self, family: int) -> SavedTables:
         return parse_save(run([self.tools.binary(family, "save")], timeout=120), C.PREFIX)
 
-    @staticmethod
-    def _missing_hooks(saved: SavedTables) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for table, builtin, chain, extra in C.HOOKS:
-            present = any(
-                h.startswith(f"-A {builtin} ") and h.endswith(f"-j {chain}") and extra in h
-                for h in saved.hooks.get(table, [])
-            )
-            if not present:
-                rule = hook_rule(builtin, chain, extra)
-                out.setdefault(table, []).append("-I" + rule[2:])
-        return out
-
-    def sync(
-        self, desired: Mapping[int, DesiredState], changed: Mapping[int, ChangedPorts], *, full: bool
-    ) -> SyncResult:
+    def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
         result = SyncResult()
         for fam in self.families:
             state = desired[fam]
             renderer = self._renderers[fam]
+            changed = changes[fam].ports if fam in changes else frozenset()
             # iptables-nft-restore slows down quadratically with the chains in one input, so the
             # nft variant gets service chains in batches; legacy rewrites its whole table per
             # call, so it gets one input.
@@ -101,38 +98,35 @@ class IptablesBackend:
                     out = renderer.render(state, (), full=True, existing_chains=saved.chains,
                                           batch_chains=batch)
                 else:
-                    todo = drifted | set(changed.get(fam, frozenset()))
+                    todo = drifted | set(changed)
                     if drifted:
                         log.warning("rules drifted from what was written; repairing family=IPv%d "
                                     "service_ports=%d", fam, len(drifted))
                     out = renderer.render(state, todo, full=False, existing_chains=saved.chains,
                                           batch_chains=batch)
-                hooks = self._missing_hooks(saved)
+                hooks = missing_hooks(saved, C.HOOKS)
                 last = out.batches.pop() if out.batches else ""
-                out.batches.append(_with_hooks(last, hooks))
+                out.batches.append(with_hooks(last, hooks))
             else:
-                out = renderer.render(state, changed.get(fam, frozenset()), full=False, batch_chains=batch)
+                out = renderer.render(state, changed, full=False, batch_chains=batch)
             for text in out.batches:
                 if text:
                     self._restore(fam, text, renderer, partial=not full)
             if full:
                 renderer.in_sync = True
             _count(result, fam, out)
+        self.metrics.written(result.written, result.totals)
+        # UDP flows the changes left pointing nowhere, now that the new rules are in
+        self.conntrack.submit([f for c in changes.values() for f in c.stale])
         return result
 
     def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool) -> None:
-        argv = [self.tools.binary(fam, "restore"), "-w", "5", "--noflush"]
         try:
-            run(argv, stdin=text, timeout=300)
-        except CommandError as exc:
+            restore(self.tools, fam, text)
+        except RestoreFailed as exc:
             renderer.reset()
-            bad = _offending(text, exc.stderr)
-            raise SyncError(
-                f"{argv[0]} failed: {exc.stderr or 'exit ' + str(exc.code)}"
-                + (f"; offending line: {bad}" if bad else ""),
-                kind="restore",
-                partial=partial,
-            ) from exc
+            self.metrics.failed(partial)
+            raise SyncError(str(exc), partial=partial) from exc
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         parts = []
@@ -143,21 +137,9 @@ class IptablesBackend:
         return "".join(parts)
 
     def cleanup(self) -> None:
-        variants = [self._tools] if self._tools is not None else [Tools(v) for v in ("nft", "legacy")]
-        for tools in variants:
-            for fam in self.families:
-                save = tools.binary(fam, "save")
-                if not have(save):
-                    continue
-                try:
-                    saved = parse_save(run([save], timeout=120), C.PREFIX)
-                except CommandError as exc:
-                    log.warning("cleanup could not read rules tool=%s error=%r", save, exc.stderr)
-                    continue
-                text = cleanup_text(saved)
-                if text:
-                    run([tools.binary(fam, "restore"), "-w", "5", "--noflush"], stdin=text, timeout=300)
-                    log.info("cleanup removed rules tool=%s family=IPv%d", save, fam)
+        """Every KPA- chain and the jumps into them, in whichever iptables variant holds them."""
+        for line in cleanup_prefix(C.PREFIX, self.families, self._tools):
+            log.info("cleanup %s", line)
 
 
 def _count(result: SyncResult, fam: int, out: RenderResult) -> None:
@@ -166,39 +148,3 @@ def _count(result: SyncResult, fam: int, out: RenderResult) -> None:
         result.written[table + suffix] = n
     for table, n in out.totals.items():
         result.totals[table + suffix] = n
-
-
-def _with_hooks(text: str, hooks: Mapping[str, list[str]]) -> str:
-    """Insert missing jump rules into each table's block, after our chains are declared."""
-    if not hooks:
-        return text
-    lines = text.splitlines()
-    out: list[str] = []
-    table = ""
-    seen: set[str] = set()
-    for line in lines:
-        if line.startswith("*"):
-            table = line[1:]
-            seen.add(table)
-        if line == "COMMIT":
-            out.extend(hooks.get(table, []))
-        out.append(line)
-    for table, rules in hooks.items():
-        if table not in seen:
-            out += [f"*{table}", *rules, "COMMIT"]
-    return "\n".join(out) + "\n"
-
-
-def cleanup_text(saved: SavedTables) -> str:
-    out: list[str] = []
-    for table in sorted(set(saved.chains) | set(saved.hooks)):
-        hooks = saved.hooks.get(table, [])
-        ours = sorted(saved.chains.get(table, set()))
-        if not hooks and not ours:
-            continue
-        out.append(f"*{table}")
-        out.extend(f":{c} - [0:0]" for c in ours)
-        out.extend("-D" + h[2:] for h in hooks)
-        out.extend(f"-X {c}" for c in ours)
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""

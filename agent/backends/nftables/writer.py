@@ -14,11 +14,15 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.nftables import names as N
+from agent.backends.nftables.metrics import NftablesMetrics
 from agent.backends.nftables.render import Existing, NftRenderer, RenderResult
+from agent.kernel import conntrack
 from agent.kernel.commands import CommandError, have, run
-from agent.model.desired import ChangedPorts, DesiredState
+from agent.model.desired import Changes, DesiredState
 
 log = logging.getLogger("agent.nftables")
 _ERROR_AT = re.compile(r"^\S*?:(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
@@ -157,11 +161,14 @@ def probe_text(family: int) -> str:
 class NftablesBackend:
     name: ClassVar[str] = "nftables"
 
-    def __init__(self, nft: Nft | None = None, families: tuple[int, ...] = (4, 6)) -> None:
+    def __init__(self, nft: Nft | None = None, families: tuple[int, ...] = (4, 6),
+                 registry: CollectorRegistry | None = None) -> None:
         self._nft = nft
         self._detected = nft is not None
         self.families = families
         self._renderers = {f: NftRenderer(f) for f in families}
+        self.metrics = NftablesMetrics(registry)
+        self.conntrack = conntrack.Cleaner()
 
     @property
     def nft(self) -> Nft | None:
@@ -193,6 +200,16 @@ class NftablesBackend:
                     "CAP_NET_ADMIN; try --proxy-mode iptables"
                 )
 
+    def start(self) -> None:
+        """Nothing to load: the first sync is full and replaces what a previous run left in our
+        tables in one transaction (flush and refill), so packets never see an empty table."""
+        log.info("nftables mode starting writer=%s; the first sync replaces table %s in one transaction",
+                 self._require().name, N.TABLE)
+
+    def close(self, timeout: float) -> None:
+        """The tables stay in the kernel; only the conntrack cleanup still queued is waited for."""
+        self.conntrack.idle(timeout)
+
     def _existing(self, nft: Nft) -> dict[int, Existing]:
         """Our chains and sets as the kernel has them, per family (empty when unreadable)."""
         try:
@@ -210,9 +227,7 @@ class NftablesBackend:
             )
         return out
 
-    def sync(
-        self, desired: Mapping[int, DesiredState], changed: Mapping[int, ChangedPorts], *, full: bool
-    ) -> SyncResult:
+    def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
         nft = self._require()
         result = SyncResult()
         unknown = [f for f in self.families if not self._renderers[f].known]
@@ -221,9 +236,8 @@ class NftablesBackend:
         outs: dict[int, RenderResult] = {}
         for fam in self.families:
             renderer = self._renderers[fam]
-            out = renderer.render(
-                desired[fam], changed.get(fam, frozenset()), full=full, existing=existing.get(fam)
-            )
+            changed = changes[fam].ports if fam in changes else frozenset()
+            out = renderer.render(desired[fam], changed, full=full, existing=existing.get(fam))
             outs[fam] = out
             texts.append(out.text)
         text = "".join(texts)
@@ -233,10 +247,10 @@ class NftablesBackend:
                 for fam in self.families:
                     self._renderers[fam].reset(full=outs[fam].full)
                 what, line = offending(text, err)
+                self.metrics.failed()
                 raise SyncError(
                     f"nft transaction failed ({nft.name}): {what or err.strip() or 'exit ' + str(rc)}"
                     + (f"; offending statement: {line}" if line else ""),
-                    kind="transaction",
                     partial=not full,
                 )
         for fam, out in outs.items():
@@ -247,6 +261,9 @@ class NftablesBackend:
                 result.totals[key + suffix] = n
         kinds = {fam: "full" if out.full else "partial" for fam, out in outs.items()}
         result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
+        self.metrics.written(result.totals)
+        # UDP flows the changes left pointing nowhere, now that the new rules are in
+        self.conntrack.submit([f for c in changes.values() for f in c.stale])
         return result
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
@@ -267,7 +284,8 @@ class NftablesBackend:
                 lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
         rc, _, err = nft.run("\n".join(lines) + "\n")
         if rc != 0:
-            raise SyncError(f"nftables cleanup failed: {err.strip()}", kind="cleanup")
+            self.metrics.cleanup_failures.inc()
+            raise SyncError(f"nftables cleanup failed: {err.strip()}")
         for r in self._renderers.values():
             r.reset(full=False)
         log.info("cleanup removed tables %s (ip, ip6)", N.TABLE)

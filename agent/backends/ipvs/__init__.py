@@ -1,0 +1,1 @@
+"""The IPVS mode: virtual servers through netlink (see README.md)."""
