@@ -24,6 +24,7 @@ from agent.backends.registry import make_backend
 from tests.cluster.controlplane import ControlPlaneUnavailable, find_bins
 from tests.cluster.harness import Harness, summarize
 from tests.e2e.support import Cluster, Kit, build_cluster, slug, teardown_cluster
+from tests.modes import NOT_RUN, runnable
 
 MODES = registry.MODES  # every mode; one this machine cannot run is skipped with the reason
 HARNESS_LOG: list[str] = []
@@ -44,7 +45,7 @@ def _modes(config: pytest.Config) -> list[str]:
     chosen = chosen or list(config.getoption("--proxy-mode", default=[]) or [])
     if not chosen and os.environ.get("KPA_E2E_MODES"):
         chosen = [m.strip() for m in os.environ["KPA_E2E_MODES"].split(",") if m.strip()]
-    return [m for m in (chosen or list(MODES)) if m in MODES]
+    return runnable(m for m in (chosen or list(MODES)) if m in MODES)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -153,6 +154,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     h: Harness | None = _state.get("harness")
+    for mode, why in NOT_RUN.items():
+        SKIPPED.setdefault(f"e2e {mode}", why)
     if not (HARNESS_LOG or SKIPPED or REPORTS or h):
         return
     tr.section("kube-proxy-agent e2e")

@@ -25,6 +25,7 @@ import yaml
 from agent.backends import registry
 from agent.backends.base import UnsupportedMode
 from agent.backends.registry import make_backend
+from tests.modes import runnable, summary_lines
 from tests.netlab import Lab, http_get, metric_sum, probe, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def _modes(config: pytest.Config) -> list[str]:
     chosen = config.getoption("--proxy-mode") or list(MODES)
-    return [m for m in chosen if m in MODES]
+    return runnable(m for m in chosen if m in MODES)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in summary_lines("kernel tests"):
+        terminalreporter.write_line(line)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

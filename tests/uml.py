@@ -1,0 +1,113 @@
+"""Run a command inside a user-mode-linux guest: a real Linux 6.1 kernel with IPVS, ipsets and
+iptables-legacy, booted in about 2 s with this machine's filesystem as its root (hostfs).
+
+    rc, output = run_in_uml(["/work/main/.venv/bin/pytest", "-q", "tests/kernel", "--proxy-mode", "ipvs"])
+
+Inside: /proc, /sys and a tmpfs on /run (so `ip netns` state stays in the guest) are mounted, the
+IPVS, ipset and netfilter modules loaded, loopback up. The command runs from the repository with
+KPA_IN_UML=1 set; its output and exit code come back through a run directory under /var/tmp
+(shared with the host through hostfs). nf_tables does not work in this kernel: use iptables-legacy.
+A guest that does not finish in `timeout` seconds is killed.
+
+Needs Debian's user-mode-linux package and /lib/modules/<uml version> linking to
+/usr/lib/uml/modules/<uml version> (`ensure_modules_link`, run by `make install`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+UML = "/usr/bin/linux.uml"
+UML_MODULES = Path("/usr/lib/uml/modules")
+MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_sh", "ip_vs_mh", "ip_vs_sed",
+           "ip_vs_nq", "ip_vs_dh", "ip_vs_lblc", "ip_vs_lblcr", "nf_conntrack", "nf_nat", "ip_set",
+           "ip_set_hash_ip", "ip_set_hash_ipport", "ip_set_hash_ipportip", "ip_set_hash_ipportnet",
+           "ip_set_hash_net", "ip_set_bitmap_port", "xt_set", "xt_ipvs", "xt_mark", "xt_comment",
+           "xt_conntrack", "xt_addrtype", "xt_MASQUERADE", "xt_nat", "xt_statistic", "xt_recent", "xt_multiport",
+           "iptable_nat", "iptable_filter", "iptable_mangle", "ip6table_nat", "ip6table_filter", "ip6table_mangle",
+           "ipt_REJECT", "ip6t_REJECT", "nf_reject_ipv4", "dummy", "veth", "bridge", "tun", "sctp")
+
+
+def uml_version() -> str:
+    versions = sorted(p.name for p in UML_MODULES.iterdir()) if UML_MODULES.is_dir() else []
+    return versions[-1] if versions else ""
+
+
+def why_no_uml() -> str:
+    """"" when a guest can boot here, else what is missing."""
+    if not os.path.exists(UML):
+        return "user-mode-linux is not installed (apt-get install user-mode-linux)"
+    version = uml_version()
+    if not version:
+        return f"no UML kernel modules under {UML_MODULES}"
+    link = Path("/lib/modules") / version
+    if not (link / "modules.dep").exists():
+        return f"{link} does not lead to {UML_MODULES / version} (make install links it)"
+    return ""
+
+
+def ensure_modules_link() -> None:
+    version = uml_version()
+    if version:
+        link = Path("/lib/modules") / version
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(UML_MODULES / version)
+
+
+def _init_script(rundir: Path, command: Sequence[str], env: dict[str, str]) -> str:
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    return f"""#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root KPA_IN_UML=1 PYTHONDONTWRITEBYTECODE=1
+{exports}mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /run
+mkdir -p /run/netns /run/lock
+for m in {' '.join(MODULES)}; do modprobe -q $m 2>/dev/null; done
+ip link set lo up
+cd {shlex.quote(str(REPO))}
+{shlex.join(command)} > {rundir}/output 2>&1
+echo $? > {rundir}/rc
+sync
+exec /usr/bin/python3 -c 'import ctypes; ctypes.CDLL(None).reboot(0x4321fedc)'
+"""
+
+
+def run_in_uml(command: Sequence[str], *, mem: str = "1536M", timeout: float = 1800,
+               env: dict[str, str] | None = None, extra_args: Sequence[str] = ()) -> tuple[int, str]:
+    """Boot a guest, run `command` in it, return (exit code, its output). Exit code 124 means the
+    guest did not finish in time (it was killed); 125 that it ended without running the command."""
+    rundir = Path(tempfile.mkdtemp(prefix="kpa-uml-", dir="/var/tmp"))
+    try:
+        init = rundir / "init"
+        init.write_text(_init_script(rundir, command, env or {}))
+        init.chmod(0o755)
+        argv = [UML, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
+                f"init={init}", "con0=null,fd:1", "con=null", *extra_args]
+        with open(rundir / "console", "w") as console:
+            try:
+                subprocess.run(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               timeout=timeout, check=False, start_new_session=True)
+            except subprocess.TimeoutExpired:
+                out = (rundir / "output").read_text(errors="replace") if (rundir / "output").exists() else ""
+                return 124, out + f"\n[UML guest killed after {timeout:.0f}s]"
+        rc_file = rundir / "rc"
+        out = (rundir / "output").read_text(errors="replace") if (rundir / "output").exists() else ""
+        if not rc_file.exists():
+            console_tail = "\n".join((rundir / "console").read_text(errors="replace").splitlines()[-30:])
+            return 125, out + "\n[UML guest ended without running the command]\n" + console_tail
+        return int(rc_file.read_text().strip() or 125), out
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+def in_uml() -> bool:
+    return os.environ.get("KPA_IN_UML") == "1"
