@@ -133,8 +133,9 @@ def _loop(cfg: AgentConfig, backend: Backend, metrics: Metrics, health: ProxyHea
           hc: ServiceHealthServers | None) -> SyncLoop:
     from agent.kernel.addresses import local_ips
 
+    owned = registry.spec(cfg.proxy_mode).owned_links  # a mode's own interfaces hold no node address
     return SyncLoop(_model(cfg), backend, metrics, health, node_name=cfg.hostname_override,
-                    local_ips=local_ips, hc_servers=hc)
+                    local_ips=lambda: local_ips(owned), hc_servers=hc)
 
 
 def cmd_render(cfg: AgentConfig, what: str) -> int:

@@ -32,7 +32,7 @@ MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_sh"
            "ip_set_hash_net", "ip_set_bitmap_port", "xt_set", "xt_ipvs", "xt_mark", "xt_comment",
            "xt_conntrack", "xt_addrtype", "xt_MASQUERADE", "xt_nat", "xt_statistic", "xt_recent", "xt_multiport",
            "iptable_nat", "iptable_filter", "iptable_mangle", "ip6table_nat", "ip6table_filter", "ip6table_mangle",
-           "ipt_REJECT", "ip6t_REJECT", "nf_reject_ipv4", "dummy", "veth", "bridge", "tun", "sctp")
+           "ipt_REJECT", "ip6t_REJECT", "nf_reject_ipv4", "dummy", "veth", "bridge", "br_netfilter", "tun", "sctp")
 
 
 def uml_version() -> str:
@@ -73,6 +73,9 @@ mount -t tmpfs tmpfs /run
 mkdir -p /run/netns /run/lock
 for m in {' '.join(MODULES)}; do modprobe -q $m 2>/dev/null; done
 ip link set lo up
+# like a node whose CNI bridges pods (and like this machine): bridged traffic passes netfilter,
+# so a reply from a pod to a pod on the same bridge is un-NATed
+sysctl -qw net.bridge.bridge-nf-call-iptables=1 net.bridge.bridge-nf-call-ip6tables=1
 cd {shlex.quote(str(REPO))}
 {shlex.join(command)} > {rundir}/output 2>&1
 echo $? > {rundir}/rc

@@ -109,6 +109,8 @@ class ModeSpec:
     summary: str
     factory: Callable[[ModeOptions], Backend]
     settings: tuple[Setting, ...] = ()
+    # interfaces the mode creates and fills with service addresses: not this node's own addresses
+    owned_links: tuple[str, ...] = ()
     built: bool = True  # False: listed, but check_supported() says it is not in this release
 
     def options(self, families: tuple[int, ...], given: Mapping[str, Any],

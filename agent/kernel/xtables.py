@@ -33,21 +33,42 @@ def count_rules(save_output: str) -> int:
 def detect_variant() -> tuple[Tools, str]:
     """Return the tools to use and a sentence saying why."""
     counts: dict[str, int] = {}
+    broken: list[str] = []
     for v in VARIANTS:
         tools = Tools(v)
         if not have(tools.binary(4, "restore")):
             continue
-        total = 0
-        for fam in (4, 6):
-            with contextlib.suppress(CommandError, OSError):
-                total += count_rules(run([tools.binary(fam, "save")], timeout=30))
+        try:  # a variant the kernel cannot serve (nf_tables missing, as in some kernels) is no choice
+            total = count_rules(run([tools.binary(4, "save")], timeout=30))
+        except (CommandError, OSError):
+            broken.append(v)
+            continue
+        with contextlib.suppress(CommandError, OSError):
+            total += count_rules(run([tools.binary(6, "save")], timeout=30))
         counts[v] = total
     if not counts:
-        return Tools(""), "no iptables-nft/iptables-legacy binaries; using plain iptables"
+        return Tools(""), "no working iptables-nft/iptables-legacy binaries; using plain iptables"
+    if broken:
+        only = next(iter(counts))
+        why = f"iptables-{'/'.join(broken)} cannot read the kernel's tables; {only} holds {counts[only]} rules"
+        return Tools(only), why
     if counts.get("legacy", 0) > counts.get("nft", 0):
         return Tools("legacy"), f"iptables-legacy holds {counts['legacy']} rules, nft {counts.get('nft', 0)}"
     pick = "nft" if "nft" in counts else "legacy"
+    if pick == "nft" and counts["nft"] == 0 and "legacy" in counts and not _writable(Tools("nft")):
+        # Listing works on a kernel whose nf_tables refuses every change (seen in a UML 6.1 guest)
+        return Tools("legacy"), "iptables-nft cannot write to this kernel (nf_tables refused a scratch chain)"
     return Tools(pick), f"rules found: {counts}; nft preferred on a tie"
+
+
+def _writable(tools: Tools) -> bool:
+    """Whether a scratch chain can be made and removed in one atomic restore (no net change)."""
+    probe = "*filter\n:KPA-VARIANT-PROBE - [0:0]\n-X KPA-VARIANT-PROBE\nCOMMIT\n"
+    try:
+        run([tools.binary(4, "restore"), "-w", "5", "--noflush"], stdin=probe, timeout=30)
+    except (CommandError, OSError):
+        return False
+    return True
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from agent.backends.base import Backend, ModeOptions, ModeSpec, NotBuilt, Setting
+from agent.backends.base import Backend, ModeOptions, ModeSpec, Setting
 
 
 def kernel_gap() -> str:
@@ -19,7 +19,9 @@ def kernel_gap() -> str:
 
 
 def _make(options: ModeOptions) -> Backend:
-    return NotBuilt("ipvs", kernel_gap)
+    from agent.backends.ipvs.writer import IpvsBackend
+
+    return IpvsBackend(families=options.families, settings=options.settings, registry=options.registry)
 
 
 SETTINGS = (
@@ -44,8 +46,8 @@ SETTINGS = (
 
 SPEC = ModeSpec(
     name="ipvs",
-    summary="IPVS virtual servers through netlink (not in this release)",
+    summary="IPVS virtual servers through netlink; a dummy interface holds service addresses",
     factory=_make,
-    built=False,
     settings=SETTINGS,
+    owned_links=("kpa-ipvs0",),
 )
