@@ -74,13 +74,14 @@ deploy_agent() {
     mkdir -p "$tmp/deploy"
     cp -R "$KPA_ROOT/manifests" "$tmp/manifests"
     cp -R "$KPA_ROOT/deploy/ebpf" "$tmp/deploy/ebpf"
+    cp -R "$KPA_ROOT/deploy/ipvs" "$tmp/deploy/ipvs"
     sed -i.bak -e "s/^  PROXY_MODE: iptables\$/  PROXY_MODE: $PROXY_MODE/" \
         -e "s/^    mode: iptables\$/    mode: $PROXY_MODE/" "$tmp/manifests/configmap.yaml"
     sed -i.bak -e "s|^\( *image:\) kube-proxy-agent:dev\$|\1 $KPA_IMAGE|" "$tmp/manifests/daemonset.yaml"
     [[ "$(grep -cE "^  PROXY_MODE: $PROXY_MODE\$|^    mode: $PROXY_MODE\$" "$tmp/manifests/configmap.yaml")" == 2 ]] \
         || die "could not set the mode in manifests/configmap.yaml (expected lines '  PROXY_MODE: iptables' and '    mode: iptables')"
     src="$tmp/manifests"
-    if [[ "$PROXY_MODE" == ebpf ]]; then src="$tmp/deploy/ebpf"; fi
+    if [[ "$PROXY_MODE" == ebpf || "$PROXY_MODE" == ipvs ]]; then src="$tmp/deploy/$PROXY_MODE"; fi
 
     log "applying manifests (mode $PROXY_MODE, image $KPA_IMAGE)"
     "${k[@]}" apply -k "$src"

@@ -15,6 +15,15 @@ CONFIG="$KPA_ROOT/deploy/kind/cluster.yaml"
 if [[ "$PROXY_MODE" == ebpf ]]; then CONFIG="$KPA_ROOT/deploy/kind/cluster-ebpf.yaml"; fi
 
 check_mode
+if [[ "$PROXY_MODE" == ipvs ]]; then
+    # kind nodes are containers sharing this machine's kernel: IPVS must be in it
+    if [[ ! -e /proc/net/ip_vs ]]; then
+        log "loading IPVS modules on this machine (kind nodes share its kernel)"
+        mods=(ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh ip_set xt_set nf_conntrack)
+        if [[ $EUID -eq 0 ]]; then modprobe -a "${mods[@]}"; else sudo -n modprobe -a "${mods[@]}"; fi \
+            || die "PROXY_MODE=ipvs needs IPVS in this machine's kernel: run 'sudo modprobe -a ${mods[*]}'"
+    fi
+fi
 need_docker_cli
 need_cmd kind "install it from https://kind.sigs.k8s.io/docs/user/quick-start/#installation (e.g. 'go install sigs.k8s.io/kind@latest')"
 need_kubectl

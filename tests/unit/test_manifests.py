@@ -176,7 +176,7 @@ def test_daemonset_pod_settings() -> None:
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
     caps = set(c["securityContext"]["capabilities"]["add"])
     assert caps == {"NET_ADMIN", "NET_RAW", "SYS_RESOURCE", "SYS_MODULE"}
-    assert not c["securityContext"].get("privileged", False), "only the ebpf overlay runs privileged"
+    assert not c["securityContext"].get("privileged", False), "only the ebpf and ipvs overlays run privileged"
 
 
 def test_daemonset_probes_use_the_healthz_port() -> None:
@@ -318,8 +318,9 @@ def test_grafana_dashboard() -> None:
     } <= used
 
 
-def test_ebpf_overlay_only_makes_the_container_privileged() -> None:
-    (patch,) = load_all(DEPLOY / "ebpf" / "privileged.yaml")
+@pytest.mark.parametrize("mode", ["ebpf", "ipvs"])
+def test_mode_overlay_only_makes_the_container_privileged(mode: str) -> None:
+    (patch,) = load_all(DEPLOY / mode / "privileged.yaml")
     assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", NAMESPACE)
     (c,) = patch["spec"]["template"]["spec"]["containers"]
     assert c == {"name": container()["name"], "securityContext": {"privileged": True}}
