@@ -45,6 +45,9 @@ class Metrics:
         self.last_queued = Gauge(
             p + "sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a sync of proxy rules was queued", registry=r)
+        self.last_programmed = Gauge(
+            "kubeproxyagent_sync_proxy_rules_last_programmed_queued_timestamp_seconds",
+            "When the newest change that a successful sync has programmed was queued", registry=r)
         self.endpoint_changes_pending = Gauge(
             p + "sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes", registry=r)
         self.endpoint_changes = Counter(

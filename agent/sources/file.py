@@ -60,14 +60,16 @@ def load(path: Path) -> tuple[dict[str, dict[NamespacedName, Record]], list[Prob
     return out, problems
 
 
-def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+def _stamp(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What tells a file changed: its inode too (a file replaced by rename, as editors and
+    ConfigMap volumes do, within the file system's timestamp granularity, keeps mtime and size)."""
     stamps = []
     for f in _files(path):
         try:
             st = f.stat()
         except OSError:
             continue
-        stamps.append((str(f), st.st_mtime_ns, st.st_size))
+        stamps.append((str(f), st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(stamps)
 
 
@@ -77,7 +79,7 @@ class FileSource:
         self.sink = sink
         self.poll = poll_seconds
         self._stop = threading.Event()
-        self._stamp: tuple[tuple[str, int, int], ...] = ()
+        self._stamp: tuple[tuple[str, int, int, int], ...] = ()
 
     def check(self) -> None:
         if not self.path.exists():

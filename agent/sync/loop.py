@@ -62,6 +62,7 @@ class SyncLoop:
         self._tallies = PlanTallies()
         self._stale_flows: list[StaleFlow] = []
         self._trigger_times: list[str] = []
+        self._queued_at = 0.0  # when the newest change was queued
 
     # -- inputs (source threads) ------------------------------------------------------------
 
@@ -117,7 +118,8 @@ class SyncLoop:
         self.metrics.service_changes_pending.set(svc)
         self.metrics.endpoint_changes_pending.set(eps)
         if self.ready.is_set():
-            self.metrics.last_queued.set(self._wall())
+            self._queued_at = self._wall()
+            self.metrics.last_queued.set(self._queued_at)
             self.health.queued()
             self.trigger()
 
@@ -139,6 +141,7 @@ class SyncLoop:
         start = time.monotonic()
         with self._lock:
             self.refresh_node_addresses()
+            queued_at = self._queued_at  # every change queued until now is in this drain
             update = self.model.drain()
             # from what the drain changed, whether or not the backend then writes it
             self._tallies.apply(self.model.desired, update.changed)
@@ -176,11 +179,13 @@ class SyncLoop:
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
         self.metrics.last_sync.set(self._wall())
+        self.metrics.last_programmed.set(queued_at)
         self.health.updated()
         self._stale_flows = []  # the mode cleaned them up
         self._after_sync()
-        log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s", self.backend.name, full,
-                 changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())))
+        log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s %s", self.backend.name, full,
+                 changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())),
+                 " ".join(f"written_{k}={v}" for k, v in sorted(result.written.items())))
         return True
 
     def _after_sync(self) -> None:

@@ -133,7 +133,14 @@ class Node:
         self.wait_sync(before)
 
     def wait_sync(self, after: float, timeout: float = 20) -> None:
-        assert wait_for(lambda: self.last_sync() > after, timeout), f"no sync after change:\n{self.log_tail()}"
+        """Until a sync that drained every change queued since `after` has succeeded (a sync that was
+        already running when the change came does not count)."""
+        def programmed() -> bool:
+            try:
+                return self.metric("kubeproxyagent_sync_proxy_rules_last_programmed_queued_timestamp_seconds") > after
+            except OSError:
+                return False
+        assert wait_for(programmed, timeout), f"no sync after change:\n{self.log_tail()}"
 
     def cluster_ip(self) -> tuple[str, str]:
         n = next(self._ips)

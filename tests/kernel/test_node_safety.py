@@ -13,11 +13,14 @@ import time
 from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
 from tests.netlab import wait_for, who
+from tests.uml import in_uml
 
 UDP53 = [{"name": "dns", "port": 53, "protocol": "UDP"}]
 EP_UDP = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
+# inside the UML guest nf_tables refuses every change: the xtables commands are the legacy ones
+IPT, IP6T = ("iptables-legacy", "ip6tables-legacy") if in_uml() else ("iptables", "ip6tables")
 
 
 def _snapshot(n: Node) -> str:
@@ -29,22 +32,31 @@ def _snapshot(n: Node) -> str:
         for ln in n.lab.exec(n.node, tool, check=False).splitlines():
             if ln.startswith("-A") or (ln.startswith(":") and ln[1:].split()[0] not in BUILTIN):
                 out.append(f"{tool}: {ln}")
-    for ln in n.lab.exec(n.node, "nft", "list", "tables").splitlines():
+    for ln in n.lab.exec(n.node, "nft", "list", "tables", check=False).splitlines():
         family, name = ln.split()[1:3]
         if not (family in ("ip", "ip6") and name in XTABLES):
             out.append(n.lab.exec(n.node, "nft", "list", "table", family, name))
+    # IPVS virtual servers, ipsets and links (empty where the kernel has no IPVS)
+    out += [f"ipvs: {ln}" for ln in n.lab.exec(n.node, "ipvsadm", "-Sn", check=False).splitlines()]
+    out += [f"ipset: {ln}" for ln in n.lab.exec(n.node, "ipset", "save", check=False).splitlines()]
+    out += [f"link: {ln.split()[1]}" for ln in n.lab.exec(n.node, "ip", "-o", "link", "show").splitlines()]
     return "\n".join(sorted(out))
 
 
 def _foreign_rules(n: Node) -> None:
     ex = n.lab.exec
-    ex(n.node, "iptables", "-t", "nat", "-N", "FOREIGN-CHAIN")
-    ex(n.node, "iptables", "-t", "nat", "-A", "FOREIGN-CHAIN", "-s", "192.0.2.0/24", "-j", "RETURN")
-    ex(n.node, "iptables", "-t", "nat", "-A", "POSTROUTING", "-j", "FOREIGN-CHAIN")
-    ex(n.node, "iptables", "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
-    ex(n.node, "ip6tables", "-t", "filter", "-A", "FORWARD", "-p", "udp", "--dport", "5353", "-j", "ACCEPT")
-    ex(n.node, "nft", "add table inet foreign; add chain inet foreign c { type filter hook input priority 5; }; "
-       "add rule inet foreign c tcp dport 2223 accept")
+    ex(n.node, IPT, "-t", "nat", "-N", "FOREIGN-CHAIN")
+    ex(n.node, IPT, "-t", "nat", "-A", "FOREIGN-CHAIN", "-s", "192.0.2.0/24", "-j", "RETURN")
+    ex(n.node, IPT, "-t", "nat", "-A", "POSTROUTING", "-j", "FOREIGN-CHAIN")
+    ex(n.node, IPT, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
+    ex(n.node, IP6T, "-t", "filter", "-A", "FORWARD", "-p", "udp", "--dport", "5353", "-j", "ACCEPT")
+    if n.mode == "ipvs":  # another tool's virtual server (on a node address) and ipset
+        ex(n.node, "ipvsadm", "-A", "-t", "10.10.0.1:2224", "-s", "wlc")
+        ex(n.node, "ipvsadm", "-a", "-t", "10.10.0.1:2224", "-r", "10.244.1.10:8080", "-m")
+        ex(n.node, "ipset", "create", "FOREIGN-SET", "hash:ip")
+    if not in_uml():
+        ex(n.node, "nft", "add table inet foreign; add chain inet foreign c { type filter hook input priority 5; }; "
+           "add rule inet foreign c tcp dport 2223 accept")
 
 
 def test_foreign_rules_untouched_and_cleanup_is_exact(mode: str) -> None:
@@ -57,7 +69,7 @@ def test_foreign_rules_untouched_and_cleanup_is_exact(mode: str) -> None:
         assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
         during = _snapshot(n)
         during_lines = set(during.splitlines())
-        assert "FOREIGN-CHAIN" in before and "dport 2223" in before
+        assert "FOREIGN-CHAIN" in before and ("dport 2223" in before or in_uml())
         for line in before.splitlines():
             assert line in during_lines, f"foreign rule changed while the agent ran: {line}"
         n.stop()
@@ -76,10 +88,26 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
         assert n.probe(ips[0], 80, src="pod-a").startswith("pod-c")
         if mode == "iptables":
             n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "KPA-SERVICES")
+        elif mode == "ipvs":  # someone deletes our virtual server and our address
+            n.lab.exec(n.node, "ipvsadm", "-D", "-t", f"{ips[0]}:80")
+            n.lab.exec(n.node, "ip", "addr", "del", f"{ips[0]}/32", "dev", "kpa-ipvs0")
         else:
             n.lab.exec(n.node, "nft", "flush table ip kube-proxy-agent")
         assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
         assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+        if mode == "ipvs":
+            # A real server's weight set to 0 by hand, and a stranger added to our virtual server:
+            # ours back to weight 1, the stranger drained (weight 0, deleted once its connections end)
+            n.lab.exec(n.node, "ipvsadm", "-e", "-t", f"{ips[0]}:80", "-r", "10.244.1.12:8080", "-m", "-w", "0")
+            n.lab.exec(n.node, "ipvsadm", "-a", "-t", f"{ips[0]}:80", "-r", "10.244.1.11:8080", "-m", "-w", "5")
+            assert n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-b")
+
+            def repaired() -> bool:
+                table = n.lab.exec(n.node, "ipvsadm", "-Ln", "-t", f"{ips[0]}:80")
+                return (re.search(r"10\.244\.1\.12:8080\s+Masq\s+1\s", table) is not None
+                        and re.search(r"10\.244\.1\.11:8080\s+Masq\s+0\s", table) is not None)
+            assert wait_for(repaired, 10), n.lab.exec(n.node, "ipvsadm", "-Ln")
+            assert who(n.answers(ips[0], 80, n=6, src="pod-a")) == {"pod-c"}
         if mode == "iptables":
             # A service's own chain emptied by hand is found (rule counts differ) and rewritten.
             save = n.lab.exec(n.node, "iptables-save", "-t", "nat")
@@ -206,6 +234,9 @@ def test_health_and_metrics_like_kube_proxy(mode: str) -> None:
         assert 'le="0.001"' in metrics
         if mode == "iptables":
             assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"}' in metrics
+            assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total" in metrics
+        if mode == "ipvs":
+            assert "kubeproxyagent_ipvs_virtual_servers" in metrics
             assert "kubeproxy_sync_proxy_rules_iptables_restore_failures_total" in metrics
         # A change that carries the EndpointSlice trigger-time annotation is measured.
         ips = n.cluster_ip()
