@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables conntrack ipset iproute2 kmod python3-venv \
-	python3-pip openssl procps
+	python3-pip openssl procps ipvsadm user-mode-linux
 PROXY_MODE ?= iptables
 
 .PHONY: install test unit kernel lint typecheck bench demo clean
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	  echo "installing apt packages:$$missing"; \
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 	fi
+	@# the IPVS kernel tests boot a user-mode-linux guest, whose modprobe looks in /lib/modules
+	@v=$$(ls /usr/lib/uml/modules 2>/dev/null | tail -1); if [ -n "$$v" ] && [ ! -e /lib/modules/$$v ]; then \
+	  mkdir -p /lib/modules && ln -s /usr/lib/uml/modules/$$v /lib/modules/$$v; fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@

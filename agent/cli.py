@@ -163,6 +163,19 @@ def cmd_render(cfg: AgentConfig, what: str) -> int:
     return 0
 
 
+def remove_other_modes(cfg: AgentConfig) -> None:
+    """Once this mode serves, remove what any other mode of ours left on the node (a mode switch:
+    the new datapath first, then the old one goes). Each mode removes only its own state."""
+    for spec in registry.SPECS:
+        if spec.name == cfg.proxy_mode:
+            continue
+        try:
+            registry.make_backend(spec.name, None, cfg.mode_settings).cleanup()
+        except Exception as exc:  # a leftover stays (logged); the running mode is unaffected
+            log.warning("could not remove what mode %s left error=%r; remove it with --cleanup --proxy-mode %s",
+                        spec.name, str(exc), spec.name)
+
+
 def run_daemon(cfg: AgentConfig) -> int:
     metrics = Metrics()
     backend = _backend(cfg, metrics=metrics)
@@ -175,6 +188,8 @@ def run_daemon(cfg: AgentConfig) -> int:
         proxy_healthy=lambda: health.status(check_node=False)[0])
     loop = _loop(cfg, backend, metrics, health, hc)
     backend.start()
+    switched = threading.Thread(target=remove_other_modes, args=(cfg,), name="mode-switch", daemon=True)
+    loop.on_first_sync = switched.start
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
         if port:
@@ -217,6 +232,8 @@ def run_daemon(cfg: AgentConfig) -> int:
         ok = loop.sync(full=True)
         if not ok:
             print("sync failed; see the log line above for the reason", file=sys.stderr)
+        elif switched.ident is not None:
+            switched.join(120)
         backend.close(60)  # e.g. the stale UDP flows that sync found, before exiting
         return 0 if ok else 1
 

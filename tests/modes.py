@@ -37,5 +37,8 @@ def runnable(chosen: Iterable[str]) -> list[str]:
     return out
 
 
-def summary_lines(suite: str) -> list[str]:
-    return [f"{suite}: {mode} mode not run: {why}" for mode, why in sorted(NOT_RUN.items())]
+def summary_lines(suite: str, instead: dict[str, str] | None = None) -> list[str]:
+    """One line per mode not run here; `instead` says, per mode, where it runs instead."""
+    alt = instead or {}
+    return [f"{suite}: {mode} mode not run on this kernel ({why})" + (f"; {alt[mode]}" if mode in alt else "")
+            for mode, why in sorted(NOT_RUN.items())]

@@ -56,6 +56,8 @@ class SyncLoop:
         self.trigger: Callable[[], None] = lambda: None
         # a Kubernetes Event about this node: (type, reason, action, note); set by the daemon
         self.on_event: Callable[[str, str, str, str], None] = lambda type_, reason, action, note: None
+        # after the first successful sync: this mode's datapath serves (set by the daemon)
+        self.on_first_sync: Callable[[], None] = lambda: None
         self.syncs = 0
         self.failures = 0
         self._failing = False
@@ -176,6 +178,8 @@ class SyncLoop:
             self._failing = False
         self._need_full = False
         self.syncs += 1
+        if self.syncs == 1:
+            self.on_first_sync()
         self.metrics.sync_duration.observe(elapsed)
         (self.metrics.sync_full_duration if full else self.metrics.sync_partial_duration).observe(elapsed)
         self.metrics.last_sync.set(self._wall())

@@ -57,7 +57,10 @@ def _modes(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for line in summary_lines("kernel tests"):
+    from tests.kernel.test_in_uml import UML_MODES
+
+    for line in summary_lines("kernel tests", {m: "its suite runs inside a UML guest instead (test_in_uml)"
+                                               for m in UML_MODES}):
         terminalreporter.write_line(line)
 
 

@@ -100,3 +100,16 @@ def test_a_modes_cleanup_never_matches_another_modes_prefix() -> None:
         "COMMIT", ""])
     text = cleanup_text(parse_save(save, "KPA-"))
     assert "KPA-SERVICES" in text and "KPAV" not in text
+
+
+def test_cleanup_of_many_chains_is_batched_jumps_first_then_flush_then_delete() -> None:
+    lines = ["*nat", *(f":KPA-C{i} - [0:0]" for i in range(5)),
+             "-A OUTPUT -m comment --comment kube-proxy-agent -j KPA-C0", "-A KPA-C0 -j KPA-C4", "COMMIT", ""]
+    from agent.kernel.xtables import cleanup_batches
+
+    batches = cleanup_batches(parse_save("\n".join(lines), "KPA-"), batch=2)
+    assert batches[0] == "*nat\n-D OUTPUT -m comment --comment kube-proxy-agent -j KPA-C0\nCOMMIT\n"
+    assert batches[1:4] == ["*nat\n:KPA-C0 - [0:0]\n:KPA-C1 - [0:0]\nCOMMIT\n",
+                            "*nat\n:KPA-C2 - [0:0]\n:KPA-C3 - [0:0]\nCOMMIT\n", "*nat\n:KPA-C4 - [0:0]\nCOMMIT\n"]
+    assert batches[4:] == ["*nat\n-X KPA-C0\n-X KPA-C1\nCOMMIT\n", "*nat\n-X KPA-C2\n-X KPA-C3\nCOMMIT\n",
+                           "*nat\n-X KPA-C4\nCOMMIT\n"]

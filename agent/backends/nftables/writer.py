@@ -278,10 +278,19 @@ class NftablesBackend:
         if nft is None:
             log.info("cleanup: neither libnftables nor nft is available; nothing to remove")
             return
+        try:
+            listed = nft.list_json("tables")
+        except (CommandError, ValueError):
+            listed = None  # unreadable: delete blind (add+delete is a no-op for a missing table)
+        ours = {(str(t.get("family")), str(t.get("name"))) for item in (listed or {}).get("nftables", [])
+                if isinstance(item, dict) and isinstance(t := item.get("table"), dict)} if listed is not None else None
         lines = []
         for kw in ("ip", "ip6"):
             for table in (N.TABLE, N.PROBE_TABLE):
-                lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
+                if ours is None or (kw, table) in ours:
+                    lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
+        if not lines:
+            return
         rc, _, err = nft.run("\n".join(lines) + "\n")
         if rc != 0:
             self.metrics.cleanup_failures.inc()
