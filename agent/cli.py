@@ -120,8 +120,9 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
     return cfg
 
 
-def _model(cfg: AgentConfig) -> ClusterModel:
-    return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, cfg.nodeport_addresses)
+def _model(cfg: AgentConfig, frontends: bool = False) -> ClusterModel:
+    return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, cfg.nodeport_addresses,
+                        frontends=frontends or registry.spec(cfg.proxy_mode).frontends)
 
 
 def _backend(cfg: AgentConfig, families: tuple[int, ...] | None = None, metrics: Metrics | None = None) -> Backend:
@@ -130,11 +131,11 @@ def _backend(cfg: AgentConfig, families: tuple[int, ...] | None = None, metrics:
 
 
 def _loop(cfg: AgentConfig, backend: Backend, metrics: Metrics, health: ProxyHealth,
-          hc: ServiceHealthServers | None) -> SyncLoop:
+          hc: ServiceHealthServers | None, frontends: bool = False) -> SyncLoop:
     from agent.kernel.addresses import local_ips
 
     owned = registry.spec(cfg.proxy_mode).owned_links  # a mode's own interfaces hold no node address
-    return SyncLoop(_model(cfg), backend, metrics, health, node_name=cfg.hostname_override,
+    return SyncLoop(_model(cfg, frontends), backend, metrics, health, node_name=cfg.hostname_override,
                     local_ips=lambda: local_ips(owned), hc_servers=hc)
 
 
@@ -145,7 +146,7 @@ def cmd_render(cfg: AgentConfig, what: str) -> int:
         return 2
     backend = _backend(cfg, (4, 6))
     metrics = Metrics()
-    loop = _loop(cfg, backend, metrics, ProxyHealth(2 * cfg.sync_period), None)
+    loop = _loop(cfg, backend, metrics, ProxyHealth(2 * cfg.sync_period), None, frontends=what == "frontends")
     src = FileSource(cfg.source, loop)
     src.check()
     src.load_once()

@@ -111,6 +111,7 @@ class ModeSpec:
     settings: tuple[Setting, ...] = ()
     # interfaces the mode creates and fills with service addresses: not this node's own addresses
     owned_links: tuple[str, ...] = ()
+    frontends: bool = False  # the mode reads DesiredState.frontends (the model keeps it only then)
     built: bool = True  # False: listed, but check_supported() says it is not in this release
 
     def options(self, families: tuple[int, ...], given: Mapping[str, Any],

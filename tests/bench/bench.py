@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from agent.backends import registry
+from agent.backends.base import UnsupportedMode
 from agent.backends.registry import make_backend
 from agent.model.records import from_builtins
 from agent.model.serviceport import NamespacedName
@@ -53,7 +54,7 @@ def eslice(i: int, gen: int = 0, n: int = 10) -> dict[str, Any]:
 
 
 def inner(mode: str, size: int, changes: int) -> dict[str, float]:
-    model = ClusterModel("node0", ["10.128.0.0/9"])
+    model = ClusterModel("node0", ["10.128.0.0/9"], frontends=registry.spec(mode).frontends)
     for i in range(size):
         model.on_service(NamespacedName("bench", f"svc-{i}"), from_builtins("Service", service(i)))  # type: ignore[arg-type]
         model.on_slice(NamespacedName("bench", f"svc-{i}-abc"), from_builtins("EndpointSlice", eslice(i)))  # type: ignore[arg-type]
@@ -95,6 +96,12 @@ def main() -> int:
     ap.add_argument("--inner", nargs=2, metavar=("MODE", "SIZE"))
     args = ap.parse_args()
     if args.inner:
+        why = registry.make_backend(args.inner[0], (4,))
+        try:
+            why.check_supported()
+        except UnsupportedMode as exc:
+            print(json.dumps({"skipped": str(exc)}))
+            return 0
         print(json.dumps(inner(args.inner[0], int(args.inner[1]), args.changes)))
         return 0
     if os.geteuid() != 0:
@@ -113,7 +120,11 @@ def main() -> int:
                 if proc.returncode != 0:
                     print(f"bench: {mode} {size} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                     continue
-                rows.append((mode, size, json.loads(proc.stdout.strip().splitlines()[-1])))
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                if "skipped" in result:
+                    print(f"bench: {mode} skipped: {result['skipped']}", file=sys.stderr)
+                    continue
+                rows.append((mode, size, result))
             finally:
                 subprocess.run(["ip", "netns", "del", ns], check=False)
     hdr = f"{'mode':9} {'services':>8} {'render s':>9} {'full sync s':>11} {'resync s':>9} " \

@@ -50,4 +50,5 @@ SPEC = ModeSpec(
     factory=_make,
     settings=SETTINGS,
     owned_links=("kpa-ipvs0",),
+    frontends=True,
 )
