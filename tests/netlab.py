@@ -42,10 +42,77 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
+# namespaces whose sockets must belong to a cgroup (the eBPF mode's socket hooks act per cgroup):
+# made by a helper process living there
+HOOKED: dict[str, CgroupSockets] = {}
+
+_HELPER = r"""
+import ctypes, os, socket, sys
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+chan = socket.socket(fileno=int(sys.argv[1]))
+while True:
+    msg = chan.recv(256)
+    if not msg:
+        break
+    ns, family, type_, proto = msg.decode().split()
+    try:
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        if libc.setns(fd, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        os.close(fd)
+        s = socket.socket(int(family), int(type_), int(proto))
+        socket.send_fds(chan, [b"ok"], [s.fileno()])
+        s.close()
+    except OSError as exc:
+        chan.send(f"error {exc}".encode())
+"""
+
+
+class CgroupSockets:
+    """Sockets created by a helper process in a cgroup v2 directory: a socket belongs to its
+    creator's cgroup, so programs attached to that cgroup see it, while this process's own sockets
+    (an "outside" client's) stay outside."""
+
+    def __init__(self, cgroup: str) -> None:
+        os.makedirs(cgroup, exist_ok=True)
+        self.cgroup = cgroup
+        self._lock = threading.Lock()
+        self._chan, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+        def enter() -> None:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+
+        import sys
+
+        self._proc = subprocess.Popen([sys.executable, "-c", _HELPER, str(child.fileno())], pass_fds=[child.fileno()],
+                                      preexec_fn=enter)
+        child.close()
+
+    def socket(self, ns: str, family: int, type_: int, proto: int) -> socket.socket:
+        with self._lock:
+            self._chan.send(f"{ns} {int(family)} {int(type_)} {proto}".encode())
+            msg, fds, _, _ = socket.recv_fds(self._chan, 256, 1)
+        if not fds:
+            raise OSError(msg.decode())
+        return socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        self._chan.close()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.cgroup)
+
+
 def socket_in(ns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
     """A socket living in namespace `ns` (None: this process's own namespace)."""
     if ns is None:
         return socket.socket(family, type_, proto)
+    if ns in HOOKED:
+        return HOOKED[ns].socket(ns, family, type_, proto)
     box: dict[str, object] = {}
 
     def make() -> None:
@@ -286,8 +353,10 @@ class Lab:
         return srv
 
     def spawn(self, ns: str, argv: Sequence[str], log_path: str) -> subprocess.Popen[str]:
+        """Run argv in namespace `ns` (nsenter, not `ip netns exec`, whose fresh /sys would hide
+        /sys/fs/bpf from the program)."""
         out = open(log_path, "a")  # noqa: SIM115 (owned by the process)
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", *argv], stdout=out, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         self.procs.append(proc)
         return proc

@@ -24,9 +24,10 @@ import yaml
 
 from agent.backends import registry
 from agent.backends.base import UnsupportedMode
+from agent.backends.ebpf import host as ebpf_host
 from agent.backends.registry import make_backend
 from tests.modes import runnable, summary_lines
-from tests.netlab import Lab, http_get, metric_sum, probe, wait_for
+from tests.netlab import HOOKED, CgroupSockets, Lab, http_get, metric_sum, probe, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
@@ -206,8 +207,19 @@ def fresh_node(mode: str, extra_args: list[str] | None = None, start: bool = Tru
         pytest.skip(f"{mode} mode not usable here: {why}")
     tmp = Path(tempfile.mkdtemp(prefix=f"kpa-kernel-{mode}-"))
     lab = Lab()
+    hooked: CgroupSockets | None = None
+    bpffs = ""
     try:
         n = build_node(lab, mode, tmp, extra_args or [])
+        if mode == "ebpf":
+            # socket hooks act on a cgroup: this node's own one, holding the sockets of its pods and
+            # of the node itself (a helper creates them there); the outside client stays outside.
+            # Pins go under a directory of this node's own, on the one bpffs everything shares.
+            hooked = CgroupSockets(f"{ebpf_host.cgroup2_root()}/kpa-{lab.tag}")
+            for ns in [n.node, *n.pods.values()]:
+                HOOKED[ns] = hooked
+            bpffs = f"/sys/fs/bpf/kpa-{lab.tag}"
+            n.extra_args += ["--ebpf-cgroup-root", hooked.cgroup, "--ebpf-bpffs-root", bpffs]
         (n.source / "node.yaml").write_text(yaml.safe_dump(
             {"kind": "Node", "apiVersion": "v1",
              "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
@@ -217,6 +229,12 @@ def fresh_node(mode: str, extra_args: list[str] | None = None, start: bool = Tru
         n.stop()
     finally:
         lab.close()
+        if hooked is not None:
+            for ns in [k for k, v in HOOKED.items() if v is hooked]:
+                del HOOKED[ns]
+            hooked.close()
+        if bpffs:
+            shutil.rmtree(bpffs, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

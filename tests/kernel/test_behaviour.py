@@ -75,8 +75,11 @@ def test_masquerade_outside_cluster_cidr_and_hairpin(node: Node) -> None:
     assert node.probe(ips[0], 80, src="pod-b") == f"pod-a {PODS['pod-b'][0]}"
     # From outside the cluster CIDR: SNAT to the node.
     assert node.probe(ips[0], 80) == f"pod-a {NODE_BR}"
-    # Hairpin: the only endpoint reaching itself through its Service.
-    assert node.probe(ips[0], 80, src="pod-a") == f"pod-a {NODE_BR}"
+    # Hairpin: the only endpoint reaching itself through its Service: masqueraded, so its reply
+    # goes back through the node. The eBPF mode picks the backend at connect(): the pod connects to
+    # itself directly, no NAT on the way, so it sees its own address (README: known differences).
+    hairpin_source = PODS["pod-a"][0] if node.mode == "ebpf" else NODE_BR
+    assert node.probe(ips[0], 80, src="pod-a") == f"pod-a {hairpin_source}"
 
 
 def test_node_port_external_ip_and_load_balancer(node: Node) -> None:
@@ -248,4 +251,5 @@ def test_udp_flows_sent_before_a_service_had_endpoints_are_cleared(node: Node) -
     node.apply("early", [service("early", ips[0], udp), slice_("early-1", "early", [endpoint("pod-a")], ep_udp)])
     assert wait_for(lambda: node.probe(ips[0], 53, "udp", src="pod-c", src_port=40054, timeout=0.5)
                     .startswith("pod-a"), 5), node.log_tail()
-    assert wait_for(lambda: "conntrack entries deleted" in node.log.read_text(), 5)
+    if node.mode != "ebpf":  # the eBPF mode's sockets never go through those conntrack entries
+        assert wait_for(lambda: "conntrack entries deleted" in node.log.read_text(), 5)

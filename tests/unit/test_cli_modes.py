@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 
 from agent.backends import registry
+from agent.backends.base import UnsupportedMode
 
 AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
 
 
-@pytest.mark.parametrize("mode", [s.name for s in registry.SPECS if not s.built])
+@pytest.mark.parametrize("mode", registry.MODES)
 def test_unusable_mode_exits_at_once_with_the_reason(mode: str, tmp_path: Path) -> None:
+    try:
+        registry.make_backend(mode, (4,)).check_supported()
+        pytest.skip(f"{mode} runs on this machine")
+    except UnsupportedMode:
+        pass
     (tmp_path / "empty.yaml").write_text("")
     proc = subprocess.run([AGENT, "--proxy-mode", mode, "--source", str(tmp_path)], capture_output=True,
                           text=True, timeout=30)

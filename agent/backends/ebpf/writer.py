@@ -1,0 +1,483 @@
+"""The eBPF mode: lb.c compiled by bcc, its maps pinned in bpffs, socket hooks on a cgroup v2 and tc
+programs on the node's interfaces. See README.md.
+
+Lifecycle: start() compiles and loads (maps pinned under a versioned path: a restart with the same
+layout reuses them, full). The first sync fills the maps, then attaches the programs and only then
+detaches those of a previous run, so there is never a moment without a datapath. Programs stay
+attached and pinned after the agent exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prometheus_client import CollectorRegistry
+
+from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.ebpf import host
+from agent.backends.ebpf import layout as L
+from agent.backends.ebpf.metrics import EbpfMetrics
+from agent.backends.ebpf.mode import kernel_gap
+from agent.kernel.commands import CommandError
+from agent.kernel.xtables import (
+    RestoreFailed,
+    Tools,
+    cleanup_prefix,
+    detect_variant,
+    missing_hooks,
+    parse_save,
+    restore,
+    with_hooks,
+)
+from agent.model.desired import Changes, DesiredState
+from agent.model.frontends import FrontendKey
+
+log = logging.getLogger("agent.ebpf")
+SOURCE = Path(__file__).with_name("lb.c")
+PREFIX = "KPAB-"  # the mode's xtables chains (masquerade for tc-NATed traffic)
+MASQ_MARK = "0x4000"
+BPF_F_ALLOW_MULTI = 2
+# program name -> (attach type, for the cgroup hooks; None: tc)
+PROGRAMS: dict[str, int | None] = {
+    "kpa_connect4": 10, "kpa_connect6": 11, "kpa_sendmsg4": 14, "kpa_sendmsg6": 15,
+    "kpa_recvmsg4": 19, "kpa_recvmsg6": 20, "kpa_peer4": 29, "kpa_peer6": 30,
+    "kpa_tc_ingress": None, "kpa_tc_egress": None,
+}
+HOOKS = (("nat", "POSTROUTING", "KPAB-POSTROUTING", ""), ("filter", "FORWARD", "KPAB-FORWARD", ""))
+
+
+def _rules() -> str:
+    return "\n".join([
+        "*nat", ":KPAB-POSTROUTING - [0:0]",
+        f"-A KPAB-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN",
+        f"-A KPAB-POSTROUTING -j MARK --xor-mark {MASQ_MARK}",
+        '-A KPAB-POSTROUTING -m comment --comment "kube-proxy-agent tc-NATed traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully",
+        "COMMIT", "*filter", ":KPAB-FORWARD - [0:0]",
+        f"-A KPAB-FORWARD -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j ACCEPT",
+        "-A KPAB-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "COMMIT",
+    ]) + "\n"
+
+
+@dataclass(slots=True)
+class _Written:
+    """One service entry as the maps hold it."""
+
+    flags: int
+    affinity: int
+    svc_id: int
+    backends: list[tuple[int, tuple[str, int]]]  # (backend id, (ip, port)) in slot order
+    ranges: tuple[str, ...]
+
+
+class EbpfBackend:
+    name: ClassVar[str] = "ebpf"
+
+    def __init__(self, families: tuple[int, ...] = (4, 6), settings: Mapping[str, Any] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
+        s = dict(settings or {})
+        self.families = families
+        self.bpffs = str(s.get("ebpf_bpffs_root") or "/sys/fs/bpf")
+        self.cgroup = str(s.get("ebpf_cgroup_root") or "")
+        self.devices_setting = tuple(d.strip() for d in str(s.get("ebpf_devices") or "").split(",") if d.strip())
+        self.metrics = EbpfMetrics(registry)
+        self._lock = threading.RLock()
+        self._bpf: Any = None
+        self._fns: dict[str, Any] = {}
+        self._attached = False
+        self._known = False
+        self._written: dict[tuple[FrontendKey, int], _Written] = {}
+        self._next_id = 1
+        self._cluster: set[bytes] = set()
+        self._devices: set[str] = set()
+        self._tools: Tools | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.bpffs) / "kube-proxy-agent"
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.root / f"v{L.LAYOUT}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def check_supported(self) -> None:
+        gap = kernel_gap() or host.headers_gap()
+        if not gap and not (self.cgroup or host.cgroup2_root()):
+            gap = "no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup), or pass --ebpf-cgroup-root"
+        if not gap and not shutil.which("tc"):
+            gap = "the tc tool is missing (apt-get install iproute2)"
+        if gap:
+            raise UnsupportedMode(f"--proxy-mode ebpf cannot run here: {gap}. Use --proxy-mode nftables or "
+                                  "--proxy-mode iptables, which need only netfilter")
+
+    def start(self) -> None:
+        with self._lock:
+            self._load()
+        log.info("ebpf mode starting layout=v%d pins=%s cgroup=%s; programs attach after the first sync fills "
+                 "the maps, then a previous run's are detached", L.LAYOUT, self.pin_dir, self._cgroup())
+
+    def close(self, timeout: float) -> None:
+        """Programs stay attached and pinned, maps pinned: the datapath serves without the agent."""
+        with self._lock:
+            self._bpf = None  # bcc's cleanup closes fds; attachments and pins hold the programs
+
+    def _cgroup(self) -> str:
+        return self.cgroup or host.cgroup2_root()
+
+    def _load(self) -> Any:
+        if self._bpf is not None:
+            return self._bpf
+        from bcc import BPF
+
+        host.ensure_bpffs(self.bpffs)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        text = SOURCE.read_text().replace("__PIN__", str(self.pin_dir))
+        try:
+            bpf = BPF(text=text, cflags=["-Wno-unused-function", "-Wno-macro-redefined"])
+        except Exception as exc:
+            raise SyncError(f"ebpf: compiling lb.c failed: {exc}") from exc
+        for name, attach in PROGRAMS.items():
+            if attach is None:
+                self._fns[name] = bpf.load_func(name, BPF.SCHED_CLS)
+            else:
+                self._fns[name] = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach)
+        self._bpf = bpf
+        return bpf
+
+    @property
+    def tools(self) -> Tools:
+        if self._tools is None:
+            self._tools, _ = detect_variant()
+        return self._tools
+
+    # -- maps -----------------------------------------------------------------------------------
+
+    def _table(self, name: str) -> Any:
+        return self._load()[name]
+
+    def _put(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        if not items:
+            return
+        t = self._table(name)
+        if len(items) == 1:  # (an array of a simple ctype would index as a Python int)
+            t[t.Key.from_buffer_copy(items[0][0])] = t.Leaf.from_buffer_copy(items[0][1])
+            return
+        keys = (t.Key * len(items)).from_buffer_copy(b"".join(k for k, _ in items))
+        vals = (t.Leaf * len(items)).from_buffer_copy(b"".join(v for _, v in items))
+        t.items_update_batch(keys, vals)
+
+    def _delete(self, name: str, keys: list[bytes]) -> None:
+        t = self._table(name)
+        for k in keys:
+            with contextlib.suppress(KeyError):
+                del t[t.Key.from_buffer_copy(k)]
+
+    def _dump(self, name: str) -> dict[bytes, bytes]:
+        t = self._table(name)
+        return {bytes(k): bytes(v) for k, v in t.items()}
+
+    # -- sync -----------------------------------------------------------------------------------
+
+    def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
+        with self._lock:
+            did_full = full or not self._known
+            try:
+                self._load()
+                gone = self._full(desired) if did_full else self._partial(desired, changes)
+                if not self._attached:
+                    self._attach()
+                elif did_full:
+                    self._attach_devices()
+            except (OSError, CommandError, RestoreFailed, Exception) as exc:  # bcc raises plain Exception
+                if isinstance(exc, SyncError):
+                    raise
+                self._known = False
+                self.metrics.failures.inc()
+                raise SyncError(f"ebpf sync failed: {exc}", partial=not full) from exc
+            totals = self._totals()
+            for k, v in totals.items():
+                self.metrics.entries.labels(k).set(v)
+        if gone:
+            killed = host.destroy_udp_sockets(gone)
+            if killed:
+                log.info("destroyed UDP sockets connected to removed endpoints sockets=%d", killed)
+        return SyncResult(written={"entries": len(gone)}, totals=totals, detail="full" if did_full else "partial")
+
+    def _totals(self) -> dict[str, int]:
+        return {"services": len(self._written), "backends": sum(len(w.backends) for w in self._written.values())}
+
+    def _alloc(self) -> int:
+        n = self._next_id
+        self._next_id += 1
+        return n
+
+    def _entry_ops(self, key: FrontendKey, scope: int, old: _Written | None, new: L.ScopeEntry | None,
+                   puts: dict[str, list[tuple[bytes, bytes]]], dels: dict[str, list[bytes]],
+                   gone: set[tuple[str, int]]) -> _Written | None:
+        """Writes taking one service entry from `old` to `new`: backends first, then slots, the master
+        last (growing); master first, then slots and backends (shrinking or going)."""
+        if new is None:
+            if old is None:
+                return None
+            dels["svcs"].insert(0, L.svc_key(key, scope, 0))
+            dels["svcs"] += [L.svc_key(key, scope, i) for i in range(1, len(old.backends) + 1)]
+            dels["backends"] += [L.id_key(b) for b, _ in old.backends]
+            dels["ranges"] += [L.lpm_key(old.svc_id, c) for c in old.ranges]
+            gone.update(ep for _, ep in old.backends)
+            return None
+        svc_id = old.svc_id if old is not None else self._alloc()
+        ids = {ep: b for b, ep in old.backends} if old is not None else {}
+        backends: list[tuple[int, tuple[str, int]]] = []
+        for e in new.endpoints:
+            ep = (e.ip, e.port)
+            b = ids.get(ep) or self._alloc()
+            backends.append((b, ep))
+            if ep not in ids:
+                puts["backends"].append((L.id_key(b), L.backend_val(e, key.protocol)))
+        old_slots = [b for b, _ in old.backends] if old is not None else []
+        for i, (b, _) in enumerate(backends, 1):
+            if i > len(old_slots) or old_slots[i - 1] != b:
+                puts["svcs"].append((L.svc_key(key, scope, i), L.svc_val(backend_id=b)))
+        master = (L.svc_key(key, scope, 0), L.svc_val(count=len(backends), flags=new.flags, affinity=new.affinity,
+                                                     svc_id=svc_id))
+        if old is None or (len(old.backends), old.flags, old.affinity) != (len(backends), new.flags, new.affinity):
+            puts["svcs"].append(master)
+        dels["svcs"] += [L.svc_key(key, scope, i) for i in range(len(backends) + 1, len(old_slots) + 1)]
+        kept = {b for b, _ in backends}
+        if old is not None:
+            dels["backends"] += [L.id_key(b) for b, _ in old.backends if b not in kept]
+            gone.update(ep for b, ep in old.backends if b not in kept and key.protocol == "UDP")
+            for c in set(old.ranges) - set(new.source_ranges):
+                dels["ranges"].append(L.lpm_key(svc_id, c))
+        for c in new.source_ranges:
+            if old is None or c not in old.ranges:
+                puts["ranges"].append((L.lpm_key(svc_id, c), b"\x01"))
+        return _Written(new.flags, new.affinity, svc_id, backends, new.source_ranges)
+
+    def _apply(self, puts: dict[str, list[tuple[bytes, bytes]]], dels: dict[str, list[bytes]]) -> None:
+        # backends and ranges before the service entries naming them; service entries in order
+        # (slots, then masters when growing); deletions of what nothing names any more last
+        self._put("backends", puts["backends"])
+        self._put("ranges", puts["ranges"])
+        self._put("svcs", puts["svcs"])
+        self._delete("svcs", dels["svcs"])
+        self._delete("backends", dels["backends"])
+        self._delete("ranges", dels["ranges"])
+
+    @staticmethod
+    def _buckets() -> tuple[dict[str, list[tuple[bytes, bytes]]], dict[str, list[bytes]]]:
+        return ({"svcs": [], "backends": [], "ranges": []}, {"svcs": [], "backends": [], "ranges": []})
+
+    def _partial(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes]) -> set[tuple[str, int]]:
+        puts, dels = self._buckets()
+        gone: set[tuple[str, int]] = set()
+        for fam in self.families:
+            table = desired[fam].frontends
+            for key in sorted(changes[fam].frontends if fam in changes else ()):
+                f = table.get(key)
+                entries = L.entries_of(f) if f is not None else {}
+                for scope in (L.SCOPE_SOCKETS, L.SCOPE_TC):
+                    w = self._entry_ops(key, scope, self._written.get((key, scope)), entries.get(scope), puts, dels,
+                                        gone)
+                    if w is None:
+                        self._written.pop((key, scope), None)
+                    else:
+                        self._written[(key, scope)] = w
+        self._apply(puts, dels)
+        return gone
+
+    def _full(self, desired: Mapping[int, DesiredState]) -> set[tuple[str, int]]:
+        """Read the maps, adopt what a previous run wrote (ids kept, so affinity and UDP flows
+        survive a restart), write what differs, delete what is not wanted."""
+        kernel_svcs = self._dump("svcs")
+        kernel_backends = self._dump("backends")
+        kernel_ranges = set(self._dump("ranges"))
+        adopted: dict[tuple[FrontendKey, int], _Written] = {}
+        masters: dict[tuple[FrontendKey, int], tuple[int, int, int, int]] = {}
+        slots: dict[tuple[FrontendKey, int], dict[int, int]] = {}
+        for k, v in kernel_svcs.items():
+            fkey, scope, slot = L.decode_svc_key(k)
+            backend_id, count, flags, affinity, svc_id = L.decode_svc_val(v)
+            if slot == 0:
+                masters[(fkey, scope)] = (count, flags, affinity, svc_id)
+            else:
+                slots.setdefault((fkey, scope), {})[slot] = backend_id
+        top = 0
+        for ident, (count, flags, affinity, svc_id) in masters.items():
+            ids = slots.get(ident, {})
+            backends = []
+            for slot in range(1, count + 1):
+                b = ids.get(slot)
+                raw = kernel_backends.get(L.id_key(b)) if b is not None else None
+                if b is None or raw is None:
+                    break
+                backends.append((b, L.decode_backend(raw)))
+            adopted[ident] = _Written(flags, affinity, svc_id, backends, ())
+            top = max([top, svc_id, *(b for b, _ in backends)])
+        self._next_id = max(self._next_id, top + 1)
+        if self._written:  # our own memory is better (it knows the source ranges)
+            adopted = {k: self._written.get(k, w) for k, w in adopted.items()}
+        puts, dels = self._buckets()
+        gone: set[tuple[str, int]] = set()
+        written: dict[tuple[FrontendKey, int], _Written] = {}
+        wanted_svcs: set[bytes] = set()
+        wanted_backends: set[bytes] = set()
+        wanted_ranges: set[bytes] = set()
+        for fam in self.families:
+            for f in desired[fam].frontends.values():
+                for scope, entry in L.entries_of(f).items():
+                    old = adopted.get((f.key, scope))
+                    if old is not None and len(old.backends) != len([s for s in slots.get((f.key, scope), {})]):
+                        old = _Written(-1, old.affinity, old.svc_id, old.backends, old.ranges)  # rewrite slots
+                    w = self._entry_ops(f.key, scope, old, entry, puts, dels, gone)
+                    if w is None:
+                        continue
+                    written[(f.key, scope)] = w
+                    wanted_svcs.add(L.svc_key(f.key, scope, 0))
+                    wanted_svcs.update(L.svc_key(f.key, scope, i) for i in range(1, len(w.backends) + 1))
+                    wanted_backends.update(L.id_key(b) for b, _ in w.backends)
+                    wanted_ranges.update(L.lpm_key(w.svc_id, c) for c in w.ranges)
+        # drift: entries whose content differs from what we would write (someone edited the map)
+        for k, v in [(k, v) for k, v in puts["svcs"]]:
+            if kernel_svcs.get(k) == v:
+                puts["svcs"].remove((k, v))
+        cluster = {k for fam in self.families for k in L.cluster_cidr_keys(desired[fam].node.cluster_cidrs)}
+        wanted_ranges |= cluster
+        puts["ranges"] += [(k, b"\x01") for k in sorted(cluster - kernel_ranges)]
+        puts["backends"] += [(k, v) for k, v in self._backend_values(written, kernel_backends)]
+        dels["svcs"] = [k for k in dels["svcs"] if k not in wanted_svcs]
+        dels["svcs"] += [k for k in kernel_svcs if k not in wanted_svcs and k not in dels["svcs"]]
+        dels["backends"] = [k for k in set(dels["backends"]) | (set(kernel_backends) - wanted_backends)
+                            if k not in wanted_backends]
+        dels["ranges"] = [k for k in set(dels["ranges"]) | (kernel_ranges - wanted_ranges) if k not in wanted_ranges]
+        self._apply(puts, dels)
+        self._written = written
+        self._known = True
+        self._iptables()
+        return gone
+
+    @staticmethod
+    def _backend_values(written: Mapping[tuple[FrontendKey, int], _Written],
+                        kernel: Mapping[bytes, bytes]) -> Iterable[tuple[bytes, bytes]]:
+        """Backend entries the kernel lacks or holds wrong (the ones _entry_ops did not write)."""
+        from agent.model.endpoints import EndpointInfo
+
+        for (key, _), w in written.items():
+            for b, (ip, port) in w.backends:
+                raw = L.backend_val(EndpointInfo(ip, port), key.protocol)
+                if kernel.get(L.id_key(b)) != raw:
+                    yield L.id_key(b), raw
+
+    def _iptables(self) -> None:
+        for fam in self.families:
+            saved = parse_save(self._save(fam), PREFIX)
+            restore(self.tools, fam, with_hooks(_rules(), missing_hooks(saved, HOOKS)))
+
+    def _save(self, fam: int) -> str:
+        from agent.kernel.commands import run
+
+        return run([self.tools.binary(fam, "save")], timeout=120)
+
+    # -- attaching --------------------------------------------------------------------------------
+
+    def _prog_pin(self, name: str, version: int = L.LAYOUT) -> Path:
+        return self.root / f"v{version}" / "progs" / name
+
+    def _attach(self) -> None:
+        """Attach this run's programs, then detach what earlier runs attached (found by their pins),
+        then pin this run's in their place."""
+        from bcc import BPF, libbcc
+
+        cgroup = self._cgroup()
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, attach in PROGRAMS.items():
+                if attach is not None:
+                    BPF.attach_func(self._fns[name], fd, attach, BPF_F_ALLOW_MULTI)
+            stale = sorted(self.root.glob("v*/progs/*"))
+            for pin in stale:
+                attach = PROGRAMS.get(pin.name)
+                pfd = libbcc.lib.bpf_obj_get(str(pin).encode())
+                if pfd >= 0:
+                    if attach is not None:
+                        libbcc.lib.bpf_prog_detach2(pfd, fd, attach)
+                    os.close(pfd)
+                pin.unlink()
+        finally:
+            os.close(fd)
+        progs = self._prog_pin("x").parent
+        progs.mkdir(parents=True, exist_ok=True)
+        for name, f in self._fns.items():
+            if libbcc.lib.bpf_obj_pin(f.fd, str(progs / name).encode()) != 0:
+                raise SyncError(f"ebpf: cannot pin program {name} at {progs / name}: {os.strerror(ctypes.get_errno())}")
+        for old in self.root.glob("v*"):
+            if old != self.pin_dir:
+                shutil.rmtree(old, ignore_errors=True)  # an older layout's maps, now unused
+                log.info("removed the pins of an older layout path=%s", old)
+        self._attached = True
+        self._attach_devices()
+        log.info("ebpf programs attached cgroup=%s devices=%s", cgroup, ",".join(sorted(self._devices)) or "-")
+
+    def _wanted_devices(self) -> set[str]:
+        if self.devices_setting:
+            return set(self.devices_setting)
+        from agent.kernel.netlink import NETLINK_ROUTE, Socket, dump_addresses
+
+        with Socket(NETLINK_ROUTE) as rt:
+            indexes = {a.ifindex for a in dump_addresses(rt) if not a.address.startswith(("127.", "::1", "fe80"))}
+        import socket
+
+        return {name for index, name in socket.if_nameindex() if index in indexes}
+
+    def _attach_devices(self) -> None:
+        wanted = self._wanted_devices()
+        for dev in sorted(wanted - self._devices):
+            host.tc_attach(dev, "ingress", str(self._prog_pin("kpa_tc_ingress")), "kpa_tc_ingress")
+            host.tc_attach(dev, "egress", str(self._prog_pin("kpa_tc_egress")), "kpa_tc_egress")
+        self._devices = wanted
+
+    # -- render and cleanup -----------------------------------------------------------------------
+
+    def render(self, desired: Mapping[int, DesiredState]) -> str:
+        return "".join(L.render_family(desired[f]) for f in self.families)
+
+    def cleanup(self) -> None:
+        """Detach our programs (cgroup hooks and tc filters), unpin our programs and maps, remove our
+        xtables chains. Nothing else."""
+        for line in cleanup_prefix(PREFIX, self.families):
+            log.info("cleanup %s", line)
+        removed = host.tc_detach_ours(host.all_devices())
+        if self.root.exists():
+            cgroup = self._cgroup()
+            with contextlib.suppress(ImportError):
+                from bcc import libbcc
+
+                fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY) if cgroup else -1
+                try:
+                    for pin in self.root.glob("v*/progs/*"):
+                        attach = PROGRAMS.get(pin.name)
+                        pfd = libbcc.lib.bpf_obj_get(str(pin).encode())
+                        if pfd >= 0:
+                            if attach is not None and fd >= 0:
+                                libbcc.lib.bpf_prog_detach2(pfd, fd, attach)
+                            os.close(pfd)
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+            shutil.rmtree(self.root, ignore_errors=True)
+            log.info("cleanup removed pins %s and tc filters=%d", self.root, removed)
+        with self._lock:
+            self._written.clear()
+            self._known = self._attached = False
