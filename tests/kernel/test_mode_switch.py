@@ -3,11 +3,13 @@ the time: the new mode programs its datapath, then removes what the old one left
 fails and nothing of the old mode remains.
 
   nftables run (host): iptables -> nftables -> iptables
+  ebpf run (host): iptables -> ebpf -> iptables
   ipvs run (UML guest): iptables -> ipvs -> iptables ("off IPVS", the way users leave it)
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -57,6 +59,12 @@ def _state(n: Node, mode: str) -> str:
     if mode == "nftables":
         return "".join(ln for ln in ex(n.node, "nft", "list", "tables", check=False).splitlines(True)
                        if "kube-proxy-agent" in ln)
+    if mode == "ebpf":
+        pins = n.extra_args[n.extra_args.index("--ebpf-bpffs-root") + 1] + "/kube-proxy-agent"
+        tc = ex(n.node, "tc", "filter", "show", "dev", "ext0", "ingress", check=False)
+        saved = ex(n.node, "iptables-save", check=False)
+        return ("pins\n" if os.path.exists(pins) else "") + ("tc\n" if "kpa_" in tc else "") + (
+            "KPAB-\n" if "KPAB-" in saved else "")
     if mode == "ipvs":
         links = ex(n.node, "ip", "-o", "link", "show")
         sets = ex(n.node, "ipset", "list", "-n", check=False)
@@ -82,9 +90,11 @@ def _switch(n: Node, to: str) -> None:
 
 
 def test_switch_modes_on_a_live_node_without_losing_a_connection(mode: str) -> None:
-    if mode not in ("nftables", "ipvs"):
+    if mode not in ("nftables", "ipvs", "ebpf"):
         return
-    with fresh_node("iptables") as n:
+    with fresh_node(mode, start=False) as n:  # the node as `mode` needs it (e.g. its cgroup), started as iptables
+        n.mode = "iptables"
+        n.start()
         tcp, udp = n.cluster_ip(), n.cluster_ip()
         n.apply("svc", [service("web", tcp[0], HTTP), slice_("web-1", "web", [endpoint("pod-a"), endpoint("pod-b")],
                                                               EP_HTTP),

@@ -4,6 +4,7 @@ restarts lossless, health and metrics as kube-proxy reports them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -39,8 +40,32 @@ def _snapshot(n: Node) -> str:
     # IPVS virtual servers, ipsets and links (empty where the kernel has no IPVS)
     out += [f"ipvs: {ln}" for ln in n.lab.exec(n.node, "ipvsadm", "-Sn", check=False).splitlines()]
     out += [f"ipset: {ln}" for ln in n.lab.exec(n.node, "ipset", "save", check=False).splitlines()]
-    out += [f"link: {ln.split()[1]}" for ln in n.lab.exec(n.node, "ip", "-o", "link", "show").splitlines()]
+    shown = n.lab.exec(n.node, "ip", "-o", "link", "show").splitlines()
+    links = [ln.split()[1].rstrip(":").split("@")[0] for ln in shown]
+    out += [f"link: {name}" for name in links]
+    volatile = re.compile(r"id \d+|:\[\d+\]")  # program ids change when programs are reloaded
+    for name in links:  # tc filters (the eBPF mode's programs, and anyone else's)
+        for direction in ("ingress", "egress"):
+            listed = n.lab.exec(n.node, "tc", "filter", "show", "dev", name, direction, check=False)
+            out += [f"tc {name} {direction}: {volatile.sub('', ln)}" for ln in listed.splitlines()]
     return "\n".join(sorted(out))
+
+
+def _delete_ebpf_service(n: Node, ip: str, port: int) -> None:
+    """Delete the master entry (sockets scope) of a frontend from the pinned map, as a stray tool would."""
+    import ctypes
+
+    from bcc import libbcc
+
+    from agent.backends.ebpf import layout as L
+    from agent.model.frontends import FrontendKey
+
+    pin = next(p for a in n.extra_args if a.startswith("/sys/fs/bpf/") for p in [a])
+    fd = libbcc.lib.bpf_obj_get(f"{pin}/kube-proxy-agent/v{L.LAYOUT}/svcs".encode())
+    assert fd >= 0
+    key = ctypes.create_string_buffer(L.svc_key(FrontendKey(ip, port, "TCP"), L.SCOPE_SOCKETS, 0), 24)
+    assert libbcc.lib.bpf_delete_elem(fd, key) == 0
+    os.close(fd)
 
 
 def _foreign_rules(n: Node) -> None:
@@ -50,6 +75,11 @@ def _foreign_rules(n: Node) -> None:
     ex(n.node, IPT, "-t", "nat", "-A", "POSTROUTING", "-j", "FOREIGN-CHAIN")
     ex(n.node, IPT, "-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
     ex(n.node, IP6T, "-t", "filter", "-A", "FORWARD", "-p", "udp", "--dport", "5353", "-j", "ACCEPT")
+    if n.mode == "ebpf":  # another tool's tc program at the priority we would use
+        ex(n.node, "tc", "qdisc", "add", "dev", "ext0", "clsact")
+        ex(n.node, "tc", "filter", "add", "dev", "ext0", "ingress", "pref", "49152", "protocol", "ip", "u32", "match",
+           "ip", "dst", "192.0.2.99/32", "flowid", "1:1")
+        ex(n.node, "tc", "filter", "add", "dev", "ext0", "ingress", "pref", "49153", "bpf", "bytecode", "1,6 0 0 0,")
     if n.mode == "ipvs":  # another tool's virtual server (on a node address) and ipset
         ex(n.node, "ipvsadm", "-A", "-t", "10.10.0.1:2224", "-s", "wlc")
         ex(n.node, "ipvsadm", "-a", "-t", "10.10.0.1:2224", "-r", "10.244.1.10:8080", "-m")
@@ -88,6 +118,10 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
         assert n.probe(ips[0], 80, src="pod-a").startswith("pod-c")
         if mode == "iptables":
             n.lab.exec(n.node, "iptables", "-t", "nat", "-F", "KPA-SERVICES")
+        elif mode == "ebpf":  # someone deletes our service entry and our tc programs
+            _delete_ebpf_service(n, ips[0], 80)
+            n.lab.exec(n.node, "tc", "filter", "del", "dev", "ext0", "ingress")
+            n.lab.exec(n.node, "tc", "filter", "del", "dev", "ext0", "egress")
         elif mode == "ipvs":  # someone deletes our virtual server and our address
             n.lab.exec(n.node, "ipvsadm", "-D", "-t", f"{ips[0]}:80")
             n.lab.exec(n.node, "ip", "addr", "del", f"{ips[0]}/32", "dev", "kpa-ipvs0")

@@ -14,7 +14,8 @@ from agent.kernel.commands import CommandError, have, run
 
 log = logging.getLogger("agent.ebpf")
 TC_PREF = 49152  # our tc filters' priority (kube-proxy-agent's; another user's is never replaced)
-_FILTER = re.compile(r"pref (\d+) bpf .*?handle (0x[0-9a-f]+) (\S+?)(?::\[\d+\])?\s")
+_FILTER = re.compile(r"^filter .*?pref (\d+) (\S+)(.*)$", re.MULTILINE)
+_BPF_PROG = re.compile(r"handle (0x[0-9a-f]+) (\S+?)(?::\[\d+\])?\s")
 
 
 def mounts(fstype: str) -> list[str]:
@@ -55,12 +56,21 @@ def headers_gap() -> str:
 # -- tc ----------------------------------------------------------------------------------------------
 
 def tc_filters(dev: str, direction: str) -> list[tuple[int, str, str]]:
-    """(pref, handle, program name) of the bpf filters on a device's ingress or egress hook."""
+    """(pref, handle, name) of every filter on a device's ingress or egress hook: for a bpf filter
+    with a program, that program's name; for any other, its kind (u32, flower, a bytecode bpf ...)."""
     try:
         out = run(["tc", "filter", "show", "dev", dev, direction], timeout=30)
     except CommandError:
         return []
-    return [(int(m.group(1)), m.group(2), m.group(3)) for m in _FILTER.finditer(out + "\n")]
+    found: dict[tuple[int, str], str] = {}
+    for m in _FILTER.finditer(out):
+        pref, kind, rest = int(m.group(1)), m.group(2), m.group(3)
+        prog = _BPF_PROG.search(rest + " ") if kind == "bpf" else None
+        if prog is not None and not prog.group(2).startswith(("not_in_hw", "bytecode", "direct-action")):
+            found[(pref, prog.group(1))] = prog.group(2)
+        elif kind != "bpf" or "bytecode" in rest:
+            found.setdefault((pref, ""), kind)
+    return [(pref, handle or "0x1", name) for (pref, handle), name in sorted(found.items())]
 
 
 def tc_attach(dev: str, direction: str, pinned: str, name: str) -> int:

@@ -89,6 +89,9 @@ class EbpfBackend:
         self.families = families
         self.bpffs = str(s.get("ebpf_bpffs_root") or "/sys/fs/bpf")
         self.cgroup = str(s.get("ebpf_cgroup_root") or "")
+        # the layout version (part of the pin path); KPA_EBPF_LAYOUT pretends another one, for
+        # testing an upgrade that changes the layout
+        self.layout = int(os.environ.get("KPA_EBPF_LAYOUT") or L.LAYOUT)
         self.devices_setting = tuple(d.strip() for d in str(s.get("ebpf_devices") or "").split(",") if d.strip())
         self.metrics = EbpfMetrics(registry)
         self._lock = threading.RLock()
@@ -108,7 +111,7 @@ class EbpfBackend:
 
     @property
     def pin_dir(self) -> Path:
-        return self.root / f"v{L.LAYOUT}"
+        return self.root / f"v{self.layout}"
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -126,7 +129,7 @@ class EbpfBackend:
         with self._lock:
             self._load()
         log.info("ebpf mode starting layout=v%d pins=%s cgroup=%s; programs attach after the first sync fills "
-                 "the maps, then a previous run's are detached", L.LAYOUT, self.pin_dir, self._cgroup())
+                 "the maps, then a previous run's are detached", self.layout, self.pin_dir, self._cgroup())
 
     def close(self, timeout: float) -> None:
         """Programs stay attached and pinned, maps pinned: the datapath serves without the agent."""
@@ -392,8 +395,8 @@ class EbpfBackend:
 
     # -- attaching --------------------------------------------------------------------------------
 
-    def _prog_pin(self, name: str, version: int = L.LAYOUT) -> Path:
-        return self.root / f"v{version}" / "progs" / name
+    def _prog_pin(self, name: str) -> Path:
+        return self.pin_dir / "progs" / name
 
     def _attach(self) -> None:
         """Attach this run's programs, then detach what earlier runs attached (found by their pins),
@@ -442,10 +445,15 @@ class EbpfBackend:
         return {name for index, name in socket.if_nameindex() if index in indexes}
 
     def _attach_devices(self) -> None:
+        """tc programs on every wanted device that lacks one of ours (new devices, and filters
+        someone removed: this runs at every full sync)."""
         wanted = self._wanted_devices()
-        for dev in sorted(wanted - self._devices):
-            host.tc_attach(dev, "ingress", str(self._prog_pin("kpa_tc_ingress")), "kpa_tc_ingress")
-            host.tc_attach(dev, "egress", str(self._prog_pin("kpa_tc_egress")), "kpa_tc_egress")
+        for dev in sorted(wanted):
+            for direction, prog in (("ingress", "kpa_tc_ingress"), ("egress", "kpa_tc_egress")):
+                if not any(name.startswith("kpa_") for _, _, name in host.tc_filters(dev, direction)):
+                    if dev in self._devices:
+                        log.warning("tc program missing; attaching it again device=%s direction=%s", dev, direction)
+                    host.tc_attach(dev, direction, str(self._prog_pin(prog)), prog)
         self._devices = wanted
 
     # -- render and cleanup -----------------------------------------------------------------------
