@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables conntrack ipset iproute2 kmod python3-venv \
-	python3-pip openssl procps ipvsadm user-mode-linux
+	python3-pip openssl procps ipvsadm user-mode-linux python3-bpfcc linux-headers-amd64
 PROXY_MODE ?= iptables
 
 .PHONY: install test unit kernel lint typecheck bench demo clean
@@ -24,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	@# the IPVS kernel tests boot a user-mode-linux guest, whose modprobe looks in /lib/modules
 	@v=$$(ls /usr/lib/uml/modules 2>/dev/null | tail -1); if [ -n "$$v" ] && [ ! -e /lib/modules/$$v ]; then \
 	  mkdir -p /lib/modules && ln -s /usr/lib/uml/modules/$$v /lib/modules/$$v; fi
+	@# bcc (the eBPF mode) compiles against /lib/modules/$$(uname -r)/build: Debian's headers serve
+	@# (only UAPI structs are used) when the running kernel has none of its own
+	@k=$$(uname -r); h=$$(ls -d /usr/src/linux-headers-*[0-9]-amd64 2>/dev/null | sort -V | tail -1); \
+	if [ -n "$$h" ] && [ ! -e /lib/modules/$$k/build ]; then \
+	  mkdir -p /lib/modules/$$k && ln -s $$h /lib/modules/$$k/build && ln -s $${h%-amd64}-common /lib/modules/$$k/source; fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@

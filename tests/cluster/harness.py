@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.backends.ebpf.host import cgroup2_root
 from tests.cluster.controlplane import ControlPlane, find_bins
 from tests.cluster.kubeapi import JSON, Api, ApiError
 from tests.cluster.procs import RUN_PREFIX, RUN_ROOT, Proc, RunState, sh, stop_all_processes, sweep_stale
-from tests.netlab import EchoServer, Lab, http_get, metric_sum, probe
+from tests.netlab import HOOKED, CgroupSockets, EchoServer, Lab, http_get, metric_sum, probe
 
 REPO = Path(__file__).resolve().parents[2]
 # The apiserver's address: 10.250.X.1/24 on a root-namespace bridge, X = the first /24 of
@@ -100,6 +101,10 @@ class SimNode:
     mode: str
     proxy: Proc | None = None
     _ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
+    # eBPF mode: the node's own cgroup (its pods' and its own sockets are made there, so the
+    # agent's socket hooks see them and no other node's) and its own directory on bpffs
+    sockets: CgroupSockets | None = None
+    bpffs: str = ""
 
     @property
     def pod_cidr(self) -> str:
@@ -310,6 +315,10 @@ class Harness:
                        f"zone-{chr(ord('a') + index - 1)}", proxy, mode)
         self.nodes[name] = node
         try:
+            if proxy == "agent" and mode == "ebpf":
+                node.sockets = CgroupSockets(f"{cgroup2_root()}/kpa-e2e-{self.tag}-{name}")
+                HOOKED[ns] = node.sockets
+                node.bpffs = f"/sys/fs/bpf/kpa-e2e-{self.tag}-{name}"
             self._wire_node(node, peers)
             self._register_node(node)
             if start_proxy:
@@ -371,9 +380,12 @@ class Harness:
                     "--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=0.0.0.0:10256",
                     "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
                     "--conntrack-tcp-timeout-close-wait=0", "--v=2"]
-        return [agent_binary(), "--kubeconfig", str(self.cp.kubeconfigs["agent"]), "--hostname-override", node.name,
+        argv = [agent_binary(), "--kubeconfig", str(self.cp.kubeconfigs["agent"]), "--hostname-override", node.name,
                 "--proxy-mode", node.mode, "--cluster-cidr", CLUSTER_CIDR, "--min-sync-period", "0s",
                 "--sync-period", "10s", "--metrics-bind-address", "127.0.0.1:10249"]
+        if node.sockets is not None:
+            argv += ["--ebpf-cgroup-root", node.sockets.cgroup, "--ebpf-bpffs-root", node.bpffs]
+        return argv
 
     def start_proxy(self, node: SimNode, wait: bool = True) -> float:
         """Start (or restart) the node's proxy; seconds until its first sync."""
@@ -382,7 +394,7 @@ class Harness:
         if node.proxy is None:
             node.proxy = Proc(f"{node.proxy_kind}@{node.name}", self.proxy_argv(node),
                               self.run_dir / "logs" / f"{node.proxy_kind}-{node.name}.log", self.tag,
-                              netns=node.netns)
+                              netns=node.netns, keep_sys=node.sockets is not None)
         node.proxy.start()
         if wait:
             node.wait_synced(after=wall - 1)
@@ -402,6 +414,12 @@ class Harness:
             node.proxy.stop(timeout=10)
         with contextlib.suppress(Exception):
             self.api.delete(f"/api/v1/nodes/{node.name}", grace=0)
+        HOOKED.pop(node.netns, None)
+        if node.sockets is not None:
+            node.sockets.close()
+            node.sockets = None
+        if node.bpffs:
+            shutil.rmtree(node.bpffs, ignore_errors=True)
         self.lab.drop_ns(node.netns)
         self.nodes.pop(node.name, None)
         # a later node may reuse this index (same addresses, new MACs): forget the old neighbours
@@ -434,6 +452,8 @@ class Harness:
         })
         ip = node.next_pod_ip()
         pns = self.lab.ns(f"pod{next(self._pod_seq)}")
+        if node.sockets is not None:
+            HOOKED[pns] = node.sockets
         pod = Pod(namespace, name, node, ip, pns, list(ports), dict(labels or {}))
         self.pods[(namespace, name)] = pod
         side = self.lab.link_name("vp")
@@ -496,6 +516,7 @@ class Harness:
             with contextlib.suppress(ValueError):
                 self.lab.servers.remove(srv)
         pod.servers.clear()
+        HOOKED.pop(pod.netns, None)
         self.lab.drop_ns(pod.netns)
 
     # -- the control plane's own health ----------------------------------------------------------

@@ -36,18 +36,21 @@ class Proc:
     """One long-running child (optionally inside a network namespace), restartable."""
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, run_tag: str, netns: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, keep_sys: bool = False) -> None:
         self.name = name
         self.argv = list(argv)
         self.log = log
         self.netns = netns
+        # nsenter instead of `ip netns exec`, whose fresh /sys hides /sys/fs/bpf (the eBPF mode)
+        self.keep_sys = keep_sys
         self.env = {**os.environ, **(env or {}), MARKER: run_tag}
         self.popen: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> Proc:
         assert not self.running(), f"{self.name} already running"
-        argv = (["ip", "netns", "exec", self.netns] if self.netns else []) + self.argv
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.keep_sys else ["ip", "netns", "exec", self.netns]
+        argv = (enter if self.netns else []) + self.argv
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             out.write(f"\n=== start {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
