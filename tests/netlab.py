@@ -47,24 +47,37 @@ def _setns(path: str) -> None:
 HOOKED: dict[str, CgroupSockets] = {}
 
 _HELPER = r"""
-import ctypes, os, socket, sys
+import ctypes, os, socket, sys, threading
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 chan = socket.socket(fileno=int(sys.argv[1]))
+
+def make(ns, family, type_, proto, out):
+    # setns in a thread of its own: the process stays in its namespace (a namespace being
+    # deleted kills what lives in it, and this helper must outlive every pod)
+    try:
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        out.append(socket.socket(int(family), int(type_), int(proto)))
+    except OSError as exc:
+        out.append(exc)
+
 while True:
     msg = chan.recv(256)
     if not msg:
         break
-    ns, family, type_, proto = msg.decode().split()
-    try:
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        if libc.setns(fd, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        os.close(fd)
-        s = socket.socket(int(family), int(type_), int(proto))
-        socket.send_fds(chan, [b"ok"], [s.fileno()])
-        s.close()
-    except OSError as exc:
-        chan.send(f"error {exc}".encode())
+    out = []
+    t = threading.Thread(target=make, args=(*msg.decode().split(), out))
+    t.start()
+    t.join()
+    if isinstance(out[0], socket.socket):
+        socket.send_fds(chan, [b"ok"], [out[0].fileno()])
+        out[0].close()
+    else:
+        chan.send(f"error {out[0]}".encode())
 """
 
 

@@ -47,6 +47,10 @@ DOCUMENTED = {
 # mode -> scenario title -> why that mode differs by design (its README's known differences)
 DOCUMENTED_BY_MODE = {
     "ebpf": {
+        "NodePort from a pod via this node's IP":
+            "the eBPF mode connects a pod's socket to the backend itself, so nothing is masqueraded: the "
+            "backend sees the pod (kube-proxy DNATs and masquerades NodePort traffic) (README: eBPF known "
+            "differences)",
         "hairpin: the only endpoint calls its own Service":
             "the eBPF mode picks the backend at connect(): the pod connects to itself directly and sees its "
             "own address; kube-proxy masquerades hairpin traffic (README: eBPF known differences)",

@@ -381,6 +381,12 @@ def _obstruct(node: SimNode, pod_ip: str) -> Callable[[], None]:
             f"jump {chain}")
         # the agent owns its table: the full sync after the refusal removes the stranger itself
         return lambda: None
+    if node.mode == "ebpf":
+        # someone swaps the node's clsact qdisc (our tc programs with it) for a plain ingress qdisc:
+        # the next full sync cannot attach the egress program again, and is refused
+        run("tc", "qdisc", "del", "dev", "eth0", "clsact")
+        run("tc", "qdisc", "add", "dev", "eth0", "ingress")
+        return lambda: run("tc", "qdisc", "del", "dev", "eth0", "ingress")
     save = run("iptables-save", "-t", "nat")
     sep = next(ln.split()[1] for ln in save.splitlines() if ln.startswith("-A ") and f"{pod_ip}:" in ln)
     run("iptables", "-t", "nat", "-N", "SOMEONE-ELSE")

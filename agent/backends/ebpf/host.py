@@ -55,6 +55,10 @@ def headers_gap() -> str:
 
 # -- tc ----------------------------------------------------------------------------------------------
 
+class TcError(RuntimeError):
+    pass
+
+
 def tc_filters(dev: str, direction: str) -> list[tuple[int, str, str]]:
     """(pref, handle, name) of every filter on a device's ingress or egress hook: for a bpf filter
     with a program, that program's name; for any other, its kind (u32, flower, a bytecode bpf ...)."""
@@ -86,6 +90,10 @@ def tc_attach(dev: str, direction: str, pinned: str, name: str) -> int:
         pref += 1
     run(["tc", "filter", "replace", "dev", dev, direction, "pref", str(pref), "handle", "0x1", "bpf",
          "direct-action", "object-pinned", pinned], timeout=30)
+    if not any(p == pref and prog == name for p, _, prog in tc_filters(dev, direction)):
+        qdiscs = run(["tc", "qdisc", "show", "dev", dev], check=False, timeout=30).strip()
+        raise TcError(f"tc program {name} is not on {dev} {direction} after attaching it (the device's qdiscs: "
+                      f"{qdiscs or 'none'}; it needs clsact, which another qdisc may be holding off)")
     for old_pref, handle, prog in existing:  # ours at another priority (an older run's): gone
         if prog.startswith("kpa_") and old_pref != pref:
             tc_detach(dev, direction, old_pref, handle)

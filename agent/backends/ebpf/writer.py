@@ -27,9 +27,7 @@ from agent.backends.ebpf import host
 from agent.backends.ebpf import layout as L
 from agent.backends.ebpf.metrics import EbpfMetrics
 from agent.backends.ebpf.mode import kernel_gap
-from agent.kernel.commands import CommandError
 from agent.kernel.xtables import (
-    RestoreFailed,
     Tools,
     cleanup_prefix,
     detect_variant,
@@ -203,7 +201,7 @@ class EbpfBackend:
                     self._attach()
                 elif did_full:
                     self._attach_devices()
-            except (OSError, CommandError, RestoreFailed, Exception) as exc:  # bcc raises plain Exception
+            except Exception as exc:  # OSError, CommandError, RestoreFailed, TcError; bcc raises plain Exception
                 if isinstance(exc, SyncError):
                     raise
                 self._known = False
