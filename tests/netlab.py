@@ -412,3 +412,56 @@ def lab() -> Iterator[Lab]:
         yield lb
     finally:
         lb.close()
+
+
+def ebpf_maps(pins: str) -> str:
+    """The eBPF mode's service and backend map entries under a pin directory, decoded (for failure
+    reports)."""
+    import ctypes
+
+    from agent.backends.ebpf import layout as L
+
+    try:
+        from bcc import libbcc
+    except ImportError:
+        return "(bcc not importable)"
+
+    def entries(name: str, ksize: int, vsize: int) -> list[tuple[bytes, bytes]]:
+        fd = libbcc.lib.bpf_obj_get(f"{pins}/{name}".encode())
+        if fd < 0:
+            return []
+        out = []
+        key, nxt, val = (ctypes.create_string_buffer(ksize), ctypes.create_string_buffer(ksize),
+                         ctypes.create_string_buffer(vsize))
+        first = True
+        while libbcc.lib.bpf_get_next_key(fd, None if first else key, nxt) == 0:
+            first = False
+            if libbcc.lib.bpf_lookup_elem(fd, nxt, val) == 0:
+                out.append((nxt.raw, val.raw))
+            ctypes.memmove(key, nxt, ksize)
+        os.close(fd)
+        return out
+
+    backends = {struct_id: L.decode_backend(v) for k, v in entries("backends", 4, 20)
+                for struct_id in [int.from_bytes(k, "little")]}
+    lines = []
+    for k, v in sorted(entries("svcs", 24, 16), key=lambda kv: L.decode_svc_key(kv[0])):
+        fkey, scope, slot = L.decode_svc_key(k)
+        backend_id, count, flags, _affinity, svc_id = L.decode_svc_val(v)
+        where = "sockets" if scope == 0 else "tc"
+        if slot == 0:
+            lines.append(f"{fkey} {where} count={count} flags={flags} id={svc_id}")
+        else:
+            lines.append(f"{fkey} {where} slot {slot} -> #{backend_id} {backends.get(backend_id, 'MISSING')}")
+    import ipaddress
+    import struct as _struct
+
+    def ip(raw: bytes) -> str:
+        return str(ipaddress.ip_address(raw[:4])) if raw[4:16] == bytes(12) else str(ipaddress.ip_address(raw[:16]))
+
+    for name in ("ct_fwd", "ct_rev"):
+        for k, v in entries(name, 40, 20):
+            sport, dport = _struct.unpack_from("!HH", k, 32)
+            vport = _struct.unpack_from("!H", v, 16)[0]
+            lines.append(f"{name} {ip(k[:16])}:{sport} -> {ip(k[16:32])}:{dport} proto={k[36]} => {ip(v[:16])}:{vport}")
+    return "\n".join(lines) or "(empty)"

@@ -342,7 +342,10 @@ class Harness:
         sh("ip", "link", "set", root_side, "master", self.host_bridge)
         sh("ip", "link", "set", root_side, "up")
         batch(ns, "link set host0 up", f"addr add {node.host_ip}/24 dev host0",
-              "link add br0 type bridge", "link set br0 up", f"addr add {node.gateway}/24 dev br0",
+              # a fixed MAC, as the bridge CNI plugin sets: a bridge otherwise takes its lowest port's
+              # MAC, which changes when that pod goes, and pods' cached gateway entry then points nowhere
+              "link add br0 type bridge", f"link set br0 address 02:6b:70:61:{node.index:02x}:01", "link set br0 up",
+              f"addr add {node.gateway}/24 dev br0",
               # the service CIDR needs a route for the node's own connections, not via br0 (ICMP
               # redirects would rate-limit REJECT replies)
               "link add svc0 type veth peer name svc1", "link set svc0 up", "link set svc1 up",

@@ -147,6 +147,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             if node.proxy is not None:
                 rep.sections.append((f"{node.proxy_kind} on {node.name} (log tail)", node.proxy.tail(30)))
                 rep.sections.append((f"conntrack on {node.name} (at the failure)", conntrack_table(node.netns)))
+                if node.bpffs:
+                    from tests.netlab import ebpf_maps
+
+                    rep.sections.append((f"eBPF maps on {node.name} (at the failure)",
+                                         ebpf_maps(f"{node.bpffs}/kube-proxy-agent/v1")))
         if h.cp is not None and h.cp.kcm is not None:
             rep.sections.append(("kube-controller-manager (log tail)", h.cp.kcm.tail(15)))
 

@@ -164,6 +164,8 @@ def build_node(lab: Lab, mode: str, tmp: Path, extra_args: list[str]) -> Node:
     client = lab.ns("client")
     lab.sysctl(node, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
     lab.exec(node, "ip", "link", "add", "br0", "type", "bridge")
+    # a fixed MAC, as the bridge CNI plugin sets (a bridge otherwise takes its lowest port's MAC)
+    lab.exec(node, "ip", "link", "set", "br0", "address", "02:6b:70:61:01:01")
     lab.exec(node, "ip", "link", "set", "br0", "up")
     lab.addr(node, "br0", f"{NODE_BR}/24", "fd00:244:1::1/64")
     n_ext, c_ext = lab.veth(node, client, "ext0", "eth0")

@@ -322,8 +322,11 @@ def test_grafana_dashboard() -> None:
 def test_mode_overlay_only_makes_the_container_privileged(mode: str) -> None:
     (patch,) = load_all(DEPLOY / mode / "privileged.yaml")
     assert (patch["kind"], patch["metadata"]["name"]) == ("DaemonSet", NAMESPACE)
-    (c,) = patch["spec"]["template"]["spec"]["containers"]
+    pod = patch["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
     assert c == {"name": container()["name"], "securityContext": {"privileged": True}}
+    # the eBPF mode destroys stale UDP sockets in pods' network namespaces, found through their processes
+    assert set(pod) - {"containers"} == ({"hostPID"} if mode == "ebpf" else set())
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-ebpf.yaml"])

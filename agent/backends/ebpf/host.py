@@ -15,7 +15,8 @@ from agent.kernel.commands import CommandError, have, run
 log = logging.getLogger("agent.ebpf")
 TC_PREF = 49152  # our tc filters' priority (kube-proxy-agent's; another user's is never replaced)
 _FILTER = re.compile(r"^filter .*?pref (\d+) (\S+)(.*)$", re.MULTILINE)
-_BPF_PROG = re.compile(r"handle (0x[0-9a-f]+) (\S+?)(?::\[\d+\])?\s")
+_BPF_PROG = re.compile(r"handle (0x[0-9a-f]+) (\S+?)(?::\[[^\]]*\])?\s")
+_PROG_NAME = re.compile(r"\bname (\S+)")
 
 
 def mounts(fstype: str) -> list[str]:
@@ -71,7 +72,8 @@ def tc_filters(dev: str, direction: str) -> list[tuple[int, str, str]]:
         pref, kind, rest = int(m.group(1)), m.group(2), m.group(3)
         prog = _BPF_PROG.search(rest + " ") if kind == "bpf" else None
         if prog is not None and not prog.group(2).startswith(("not_in_hw", "bytecode", "direct-action")):
-            found[(pref, prog.group(1))] = prog.group(2)
+            named = _PROG_NAME.search(rest)  # the kernel's name of the program (tc's own label varies)
+            found[(pref, prog.group(1))] = named.group(1) if named else prog.group(2)
         elif kind != "bpf" or "bytecode" in rest:
             found.setdefault((pref, ""), kind)
     return [(pref, handle or "0x1", name) for (pref, handle), name in sorted(found.items())]
