@@ -85,6 +85,10 @@ def tc_attach(dev: str, direction: str, pinned: str, name: str) -> int:
     Returns the priority used."""
     with contextlib.suppress(CommandError):
         run(["tc", "qdisc", "add", "dev", dev, "clsact"], timeout=30)
+    qdiscs = run(["tc", "qdisc", "show", "dev", dev], check=False, timeout=30)
+    if "qdisc clsact" not in qdiscs:  # e.g. an `ingress` qdisc holds its place: no egress hook at all
+        raise TcError(f"cannot attach {name} to {dev} {direction}: the device has no clsact qdisc and cannot get "
+                      f"one (its qdiscs: {' | '.join(ln.strip() for ln in qdiscs.splitlines()) or 'none'})")
     existing = tc_filters(dev, direction)
     taken = {pref for pref, _, prog in existing if not prog.startswith("kpa_")}
     pref = TC_PREF
