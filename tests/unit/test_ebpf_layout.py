@@ -68,3 +68,14 @@ def test_tc_filters_tell_ours_from_anyone_elses() -> None:
     with mock.patch.object(host, "run", return_value=out):
         assert host.tc_filters("eth0", "ingress") == [(49152, "0x1", "u32"), (49153, "0x1", "bpf"),
                                                        (49154, "0x1", "kpa_tc_ingress")]
+
+
+def test_render_prints_the_map_entries_a_full_sync_writes() -> None:
+    c = Cluster(cluster_cidrs=["10.244.0.0/16"]).apply(
+        service("web", ["10.96.0.10"], HTTP), endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
+    c.drain()
+    text = L.render_family(c.model.desired[4])
+    assert "svcs 10.96.0.10:80/TCP sockets slot=0 count=1 flags=- (ClusterIP shop/web:http)\n" in text
+    assert "svcs 10.96.0.10:80/TCP sockets slot=1 -> backend 10.244.1.5:8080\n" in text
+    assert "svcs 10.96.0.10:80/TCP tc slot=0 count=1 flags=masquerade-outside-cluster" in text
+    assert "ranges cluster-cidr 10.244.0.0/16\n" in text
