@@ -114,3 +114,36 @@ def run_in_uml(command: Sequence[str], *, mem: str = "1536M", timeout: float = 1
 
 def in_uml() -> bool:
     return os.environ.get("KPA_IN_UML") == "1"
+
+
+class Guest:
+    """A guest running in the background (a node of the e2e cluster, say); stop() ends it."""
+
+    def __init__(self, command: Sequence[str], *, mem: str = "768M", extra_args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.rundir = Path(tempfile.mkdtemp(prefix="kpa-uml-", dir="/var/tmp"))
+        init = self.rundir / "init"
+        init.write_text(_init_script(self.rundir, command, env or {}))
+        init.chmod(0o755)
+        argv = [UML, f"mem={mem}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
+                f"init={init}", "con0=null,fd:1", "con=null", *extra_args]
+        self.console = log or (self.rundir / "console")
+        with open(self.console, "w") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def output(self) -> str:
+        path = self.rundir / "output"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        shutil.rmtree(self.rundir, ignore_errors=True)

@@ -129,7 +129,8 @@ def main() -> int:
             subprocess.run(["ip", "netns", "add", ns], check=True)
             try:
                 print(f"bench: {mode} {size} services x 10 endpoints ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "tests.bench.bench",
+                # nsenter, not `ip netns exec`: that one's fresh /sys hides bpffs and the cgroup2 mount
+                proc = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "tests.bench.bench",
                                        "--inner", mode, str(size), "--changes", str(args.changes)],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:

@@ -1,0 +1,171 @@
+"""A test node's insides, run in a user-mode-linux guest (whose kernel has IPVS): the node's
+network (LAN, the apiserver link, the pod bridge), its proxy (kube-proxy-agent or upstream
+kube-proxy), its pods' namespaces with echo servers, and probes on request.
+
+Started as the guest's init command by tests/cluster/umlnode.py with a JSON config; it serves
+JSON-lines requests on TCP (the apiserver link's address), one per connection:
+
+    {"op": "pod_add", "name": ..., "ip": ..., "ports": [["tcp", 8080], ...]}   -> {"ok": true}
+    {"op": "pod_del", "name": ...}
+    {"op": "probe", "src": "<pod name>|node", "ip": ..., "port": ..., "proto": "tcp", "timeout": 1}
+                                                                                -> {"reply": "..."}
+    {"op": "exec", "argv": [...]}                                              -> {"out": "...", "rc": 0}
+    {"op": "proxy", "action": "start|stop|kill"}
+    {"op": "shutdown"}
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.netlab import EchoServer, Lab, probe
+
+
+def sh(*argv: str, check: bool = True) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+class Node:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.lab = Lab(tag=cfg["name"][-4:])
+        self.pods: dict[str, tuple[str, list[EchoServer]]] = {}  # name -> (netns, servers)
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.stop = threading.Event()
+
+    def setup(self) -> None:
+        c = self.cfg
+        sh("ip", "link", "set", "vec0", "name", "eth0")
+        sh("ip", "link", "set", "vec1", "name", "host0")
+        for dev, cidr in (("eth0", f"{c['lan_ip']}/24"), ("host0", f"{c['host_ip']}/24")):
+            sh("ip", "addr", "add", cidr, "dev", dev)
+            sh("ip", "link", "set", dev, "up")
+        sh("ip", "link", "add", "br0", "type", "bridge")
+        sh("ip", "link", "set", "br0", "address", c["bridge_mac"])
+        sh("ip", "link", "set", "br0", "up")
+        sh("ip", "addr", "add", f"{c['gateway']}/24", "dev", "br0")
+        sh("ip", "link", "add", "svc0", "type", "veth", "peer", "name", "svc1")
+        sh("ip", "link", "set", "svc0", "up")
+        sh("ip", "link", "set", "svc1", "up")
+        sh("ip", "route", "add", c["service_cidr"], "dev", "svc0")
+        for cidr, via in c["peers"]:
+            sh("ip", "route", "add", cidr, "via", via)
+        for s in ("net.ipv4.ip_forward=1", "net.ipv4.icmp_ratelimit=0"):
+            sh("sysctl", "-qw", s)
+        if c.get("legacy_iptables"):
+            # upstream kube-proxy calls plain `iptables`, which here means iptables-nft, and this
+            # kernel's nf_tables refuses every change: the legacy binary takes its place (guest only)
+            for multi in ("/usr/sbin/xtables-nft-multi",):
+                sh("mount", "--bind", "/usr/sbin/xtables-legacy-multi", multi)
+
+    def start_proxy(self) -> None:
+        log = open(self.cfg["proxy_log"], "ab")  # noqa: SIM115 (the proxy owns it)
+        self.proxy = subprocess.Popen(self.cfg["proxy_argv"], stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def pod_add(self, name: str, ip: str, ports: list[list[Any]]) -> None:
+        ns = self.lab.ns(name)
+        side = self.lab.link_name("vp")
+        sh("ip", "link", "add", side, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "link", "set", side, "master", "br0")
+        sh("bridge", "link", "set", "dev", side, "hairpin", "on")
+        sh("ip", "link", "set", side, "up")
+        self.lab.exec(ns, "ip", "link", "set", "eth0", "up")
+        self.lab.exec(ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        self.lab.exec(ns, "ip", "route", "add", "default", "via", self.cfg["gateway"])
+        servers = []
+        for proto, port in ports:
+            label = name if port == 8080 else f"{name}:{port}"
+            servers.append(self.lab.serve(ns, label, [(proto, int(port))], v6=False))
+        self.pods[name] = (ns, servers)
+
+    def pod_del(self, name: str) -> None:
+        ns, servers = self.pods.pop(name)
+        for s in servers:
+            s.close()
+        self.lab.drop_ns(ns)
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "pod_add":
+            self.pod_add(req["name"], req["ip"], req["ports"])
+            return {"ok": True}
+        if op == "pod_del":
+            self.pod_del(req["name"])
+            return {"ok": True}
+        if op == "probe":
+            ns = None if req["src"] == "node" else self.pods[req["src"]][0]
+            return {"reply": probe(ns, req["ip"], int(req["port"]), req.get("proto", "tcp"),
+                                   timeout=float(req.get("timeout", 1)), src_ip=req.get("src_ip", ""))}
+        if op == "exec":
+            proc = subprocess.run(req["argv"], capture_output=True, text=True, check=False)
+            return {"out": proc.stdout + proc.stderr, "rc": proc.returncode}
+        if op == "proxy":
+            action = req["action"]
+            if action in ("stop", "kill") and self.proxy is not None and self.proxy.poll() is None:
+                self.proxy.send_signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
+                self.proxy.wait(20)
+            if action == "start":
+                self.start_proxy()
+            return {"ok": True}
+        if op == "shutdown":
+            self.stop.set()
+            return {"ok": True}
+        raise ValueError(f"unknown op {op}")
+
+    def serve(self) -> None:
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((self.cfg["host_ip"], int(self.cfg["port"])))
+        srv.listen(64)
+        srv.settimeout(0.5)
+        Path(self.cfg["ready_file"]).write_text("ready\n")
+        while not self.stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.terminate()
+            self.proxy.wait(20)
+        self.lab.close()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                out = self.handle(json.loads(data))
+            except Exception as exc:  # reported to the caller
+                out = {"error": f"{type(exc).__name__}: {exc}"}
+            conn.sendall(json.dumps(out).encode() + b"\n")
+
+
+def main() -> int:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    node = Node(cfg)
+    node.setup()
+    node.start_proxy()
+    node.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

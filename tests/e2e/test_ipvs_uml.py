@@ -1,0 +1,170 @@
+"""The IPVS mode on the real control plane: two nodes that are user-mode-linux guests (this machine's
+kernel has no IPVS; theirs has), one running kube-proxy-agent --proxy-mode ipvs, the other upstream
+kube-proxy --proxy-mode ipvs, both watching the harness's apiserver over a tap device. The same
+Services, the same pods (on both nodes), the same connections from each node; the results must be
+equal, or the difference documented. The table is printed in the e2e summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.cluster.harness import CLIENT_IP, Harness, Pod
+from tests.e2e.conftest import REPORTS
+from tests.netlab import probe, who
+from tests.uml import why_no_uml
+
+pytestmark = pytest.mark.e2e
+NS = "ipvs-uml"
+HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
+DOCUMENTED: dict[str, str] = {}
+
+
+@dataclass
+class Pair:
+    h: Harness
+    kpa: Any  # UmlNode with the agent
+    kp: Any  # UmlNode with kube-proxy
+    pods: dict[str, Pod]
+    clients: dict[str, Pod]  # node name -> its client pod
+
+
+@pytest.fixture(scope="module")
+def pair(harness: Harness, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    chosen = list(request.config.getoption("--e2e-mode", default=[]) or [])
+    if chosen and "ipvs" not in chosen:
+        pytest.skip(f"--e2e-mode {','.join(chosen)} given")
+    why = why_no_uml()
+    if why:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: no UML guest for the IPVS e2e nodes: {why}", pytrace=False)
+        pytest.skip(f"no UML guest for the IPVS e2e nodes: {why}")
+    from tests.cluster.umlnode import start_uml_node
+
+    kpa = start_uml_node(harness, "uvs-kpa", 7, "agent", "ipvs")
+    kp = None
+    try:
+        kp = start_uml_node(harness, "uvs-kp", 8, "kube-proxy", "ipvs", peers=[kpa])
+        kpa.exec("ip", "route", "add", kp.sim.pod_cidr, "via", kp.sim.ip)
+        harness.namespace(NS)
+        pods = {
+            "s-kpa": kpa.create_pod(NS, "s-kpa", {"app": "s"}),
+            "s-kp": kp.create_pod(NS, "s-kp", {"app": "s"}),
+            "l-kpa": kpa.create_pod(NS, "l-kpa", {"app": "l"}),
+            "u-kpa": kpa.create_pod(NS, "u-kpa", {"app": "u"}, ports=(("dns", 8080, "UDP"),)),
+            "u-kp": kp.create_pod(NS, "u-kp", {"app": "u"}, ports=(("dns", 8080, "UDP"),)),
+        }
+        clients = {n.name: n.create_pod(NS, f"client-{n.name}", {"role": "client"}, ports=()) for n in (kpa, kp)}
+        yield Pair(harness, kpa, kp, pods, clients)
+    finally:
+        harness.cleanup_namespace(NS)
+        if kp is not None:
+            kp.close()
+        kpa.close()
+
+
+def _norm(pair: Pair, node: Any, replies: list[str]) -> str:
+    """Who answered and which client address they saw, in node-independent words."""
+    me = "kpa" if node is pair.kpa else "kp"
+    names = {pair.kpa.sim.ip: "node", pair.kp.sim.ip: "node", pair.kpa.sim.gateway: "node-br0",
+             pair.kp.sim.gateway: "node-br0", CLIENT_IP: "client"}
+    names.update({c.ip: "client-pod" for c in pair.clients.values()})
+    out = set()
+    for r in replies:
+        parts = r.split()
+        if len(parts) != 2:
+            out.add(r)
+            continue
+        server, peer = parts
+        server = server.replace(f"-{me}", "@local").replace("-kpa", "@remote").replace("-kp", "@remote")
+        out.add(f"{server} <- {names.get(peer, peer)}")
+    return ", ".join(sorted(out))
+
+
+def _svc(pair: Pair, name: str, app: str, ports: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
+    svc = pair.h.create_service(NS, name, ports or HTTP, {"app": app}, **spec)
+    time.sleep(0.5)
+    return svc
+
+
+def _until(fn: Callable[[], str], ok: Callable[[str], bool], timeout: float = 20) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        r = fn()
+        if ok(r) or time.monotonic() > end:
+            return r
+        time.sleep(0.2)
+
+
+def test_ipvs_side_by_side_with_upstream_kube_proxy_ipvs(pair: Pair) -> None:
+    h = pair.h
+    s = _svc(pair, "s", "s")
+    cip = s["spec"]["clusterIP"]
+    np_svc = _svc(pair, "np", "s", [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                  type="NodePort")
+    nport = np_svc["spec"]["ports"][0]["nodePort"]
+    loc = _svc(pair, "loc", "l", type="NodePort", externalTrafficPolicy="Local")
+    lport = loc["spec"]["ports"][0]["nodePort"]
+    empty = _svc(pair, "empty", "nothing")
+    aff = _svc(pair, "aff", "s", sessionAffinity="ClientIP")
+    dns = _svc(pair, "dns", "u", [{"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}])
+    hp = _svc(pair, "hp", "l")
+
+    def from_client(node: Any, ip: str, port: int, proto: str = "tcp", n: int = 12) -> list[str]:
+        c = pair.clients[node.name].name
+        _until(lambda: node.probe(c, ip, port, proto), lambda r: r.split()[0] not in ("TIMEOUT", "REFUSED"))
+        return [node.probe(c, ip, port, proto) for _ in range(n)]
+
+    scenarios: list[tuple[str, Callable[[Any], str]]] = [
+        ("ClusterIP from a pod", lambda n: _norm(pair, n, from_client(n, cip, 80))),
+        ("ClusterIP from the node itself", lambda n: _norm(pair, n, [n.probe("node", cip, 80) for _ in range(12)])),
+        ("no endpoints: from a pod", lambda n: n.probe(pair.clients[n.name].name, empty["spec"]["clusterIP"], 80)),
+        ("NodePort from outside via this node", lambda n: _norm(
+            pair, n, [probe(h.client, n.sim.ip, nport, timeout=2) for _ in range(12)])),
+        ("ETP Local from outside (endpoint on the agent's node only)", lambda n: _norm(
+            pair, n, [probe(h.client, n.sim.ip, lport, timeout=1) for _ in range(4)])),
+        ("sessionAffinity ClientIP from a pod", lambda n: f"{len(who(from_client(n, aff['spec']['clusterIP'], 80)))} "
+                                                         "backend(s)"),
+        ("UDP ClusterIP from a pod", lambda n: _norm(pair, n, from_client(n, dns["spec"]["clusterIP"], 53, "udp"))),
+        ("hairpin: the only endpoint calls its own Service", lambda n: _norm(
+            pair, n, [pair.kpa.probe("l-kpa", hp["spec"]["clusterIP"], 80)]) if n is pair.kpa else _norm(
+            pair, n, [n.probe(pair.clients[n.name].name, hp["spec"]["clusterIP"], 80)])),
+    ]
+    rows = []
+    for title, observe in scenarios:
+        a, b = observe(pair.kp), observe(pair.kpa)
+        for _ in range(2):  # a difference must reproduce
+            if a == b:
+                break
+            time.sleep(2)
+            a, b = observe(pair.kp), observe(pair.kpa)
+        rows.append((title, a, b))
+    # a change reaching each node: scale the Service up, time to the first answer from the new pod
+    t0 = time.monotonic()
+    extra = pair.kpa.create_pod(NS, "s2-kpa", {"app": "s"})
+    seen: dict[str, float] = {}
+    while len(seen) < 2 and time.monotonic() - t0 < 30:
+        for node in (pair.kp, pair.kpa):
+            if node.name not in seen and "s2" in node.probe(pair.clients[node.name].name, cip, 80, timeout=0.5):
+                seen[node.name] = time.monotonic() - t0
+    verdicts = ["same" if a == b else ("documented" if t in DOCUMENTED else "DIFFERENT") for t, a, b in rows]
+    w = max(len(t) for t, _, _ in rows)
+    lines = ["side by side in UML guests (IPVS kernel): upstream kube-proxy --proxy-mode ipvs (node uvs-kp) vs "
+             "kube-proxy-agent --proxy-mode ipvs (node uvs-kpa)"]
+    for (t, a, b), v in zip(rows, verdicts, strict=True):
+        lines.append(f"| {t:<{w}} | {a} | {b} | {v} |")
+    lines.append(f"new endpoint answering after: kube-proxy {seen.get(pair.kp.name, float('nan')):.1f}s, "
+                 f"kube-proxy-agent {seen.get(pair.kpa.name, float('nan')):.1f}s (API change to first answer, "
+                 "the guests' slow system calls included)")
+    REPORTS.append("\n".join(lines))
+    pair.kpa.delete_pod(extra)
+    assert "DIFFERENT" not in verdicts, "\n".join(lines) + "\n\nagent log:\n" + pair.kpa.log()[-3000:]
+    assert pair.kpa.name in seen, pair.kpa.log()[-3000:]
+    # IPVS state as ipvsadm shows it, on the agent's node: a virtual server per frontend
+    table = pair.kpa.exec("ipvsadm", "-Ln")
+    assert cip in table and f":{nport}" in table, table
