@@ -98,6 +98,7 @@ class EbpfBackend:
         self._attached = False
         self._known = False
         self._written: dict[tuple[FrontendKey, int], _Written] = {}
+        self._backends = 0  # slots in _written, kept in step (no scan per sync)
         self._next_id = 1
         self._cluster: set[bytes] = set()
         self._devices: set[str] = set()
@@ -185,9 +186,37 @@ class EbpfBackend:
             with contextlib.suppress(KeyError):
                 del t[t.Key.from_buffer_copy(k)]
 
-    def _dump(self, name: str) -> dict[bytes, bytes]:
+    def _dump(self, name: str, chunk: int = 4096) -> dict[bytes, bytes]:
+        """Every entry of a map, `chunk` entries per BPF_MAP_LOOKUP_BATCH call (a few system calls
+        for the whole map, in bounded memory); one key at a time where the map has no batch lookup
+        (LPM tries)."""
+        import errno
+
+        from bcc import libbcc
+
         t = self._table(name)
-        return {bytes(k): bytes(v) for k, v in t.items()}
+        ksize, vsize = ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf)
+        keys = ctypes.create_string_buffer(ksize * chunk)
+        vals = ctypes.create_string_buffer(vsize * chunk)
+        token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)  # opaque batch positions (hash maps: a bucket)
+        out: dict[bytes, bytes] = {}
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            res = libbcc.lib.bpf_lookup_batch(t.map_fd, None if first else ctypes.byref(token_in),
+                                              ctypes.byref(token_out), keys, vals, ctypes.byref(count))
+            err = ctypes.get_errno()
+            if res != 0 and err not in (errno.ENOENT,):
+                if first and err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524, 524):
+                    return {bytes(k): bytes(v) for k, v in t.items()}
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {name}")
+            kraw, vraw = keys.raw, vals.raw
+            for i in range(count.value):
+                out[kraw[i * ksize:(i + 1) * ksize]] = vraw[i * vsize:(i + 1) * vsize]
+            if res != 0:  # ENOENT: that was the last of them
+                return out
+            token_in.value = token_out.value
+            first = False
 
     # -- sync -----------------------------------------------------------------------------------
 
@@ -217,7 +246,7 @@ class EbpfBackend:
         return SyncResult(written={"entries": len(gone)}, totals=totals, detail="full" if did_full else "partial")
 
     def _totals(self) -> dict[str, int]:
-        return {"services": len(self._written), "backends": sum(len(w.backends) for w in self._written.values())}
+        return {"services": len(self._written), "backends": self._backends}
 
     def _alloc(self) -> int:
         n = self._next_id
@@ -290,8 +319,9 @@ class EbpfBackend:
                 f = table.get(key)
                 entries = L.entries_of(f) if f is not None else {}
                 for scope in (L.SCOPE_SOCKETS, L.SCOPE_TC):
-                    w = self._entry_ops(key, scope, self._written.get((key, scope)), entries.get(scope), puts, dels,
-                                        gone)
+                    old = self._written.get((key, scope))
+                    w = self._entry_ops(key, scope, old, entries.get(scope), puts, dels, gone)
+                    self._backends += (len(w.backends) if w else 0) - (len(old.backends) if old else 0)
                     if w is None:
                         self._written.pop((key, scope), None)
                     else:
@@ -365,6 +395,7 @@ class EbpfBackend:
         dels["ranges"] = [k for k in set(dels["ranges"]) | (kernel_ranges - wanted_ranges) if k not in wanted_ranges]
         self._apply(puts, dels)
         self._written = written
+        self._backends = sum(len(w.backends) for w in written.values())
         self._known = True
         self._iptables()
         return gone
@@ -486,4 +517,5 @@ class EbpfBackend:
             log.info("cleanup removed pins %s and tc filters=%d", self.root, removed)
         with self._lock:
             self._written.clear()
+            self._backends = 0
             self._known = self._attached = False
