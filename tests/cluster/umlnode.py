@@ -167,10 +167,10 @@ def start_uml_node(h: Harness, name: str, index: int, proxy: str, mode: str,
 
 
 def _synced(node: UmlNode) -> bool:
-    out = node.exec("sh", "-c", "wget -qO- http://127.0.0.1:10249/metrics 2>/dev/null || "
-                    "python3 -c \"import urllib.request;print(urllib.request.urlopen("
-                    "'http://127.0.0.1:10249/metrics',timeout=2).read().decode())\"")
-    for line in out.splitlines():
-        if line.startswith("kubeproxy_sync_proxy_rules_last_timestamp_seconds "):
-            return float(line.split()[1]) > 0
+    out = node.exec("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                    "'http://127.0.0.1:10249/metrics',timeout=2).read().decode())")
+    for line in out.splitlines():  # kube-proxy labels it with ip_family, the agent does not
+        if (line.startswith("kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                and float(line.rsplit(" ", 1)[1]) > 0):
+            return True
     return False

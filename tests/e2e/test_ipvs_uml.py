@@ -52,13 +52,11 @@ def pair(harness: Harness, request: pytest.FixtureRequest) -> Iterator[Pair]:
         kp = start_uml_node(harness, "uvs-kp", 8, "kube-proxy", "ipvs", peers=[kpa])
         kpa.exec("ip", "route", "add", kp.sim.pod_cidr, "via", kp.sim.ip)
         harness.namespace(NS)
-        pods = {
-            "s-kpa": kpa.create_pod(NS, "s-kpa", {"app": "s"}),
-            "s-kp": kp.create_pod(NS, "s-kp", {"app": "s"}),
-            "l-kpa": kpa.create_pod(NS, "l-kpa", {"app": "l"}),
-            "u-kpa": kpa.create_pod(NS, "u-kpa", {"app": "u"}, ports=(("dns", 8080, "UDP"),)),
-            "u-kp": kp.create_pod(NS, "u-kp", {"app": "u"}, ports=(("dns", 8080, "UDP"),)),
-        }
+        pods = {}
+        for n, tag in ((kpa, "kpa"), (kp, "kp")):
+            pods[f"s-{tag}"] = n.create_pod(NS, f"s-{tag}", {"app": "s"})
+            pods[f"l-{tag}"] = n.create_pod(NS, f"l-{tag}", {"app": f"l-{tag}"})
+            pods[f"u-{tag}"] = n.create_pod(NS, f"u-{tag}", {"app": "u"}, ports=(("dns", 8080, "UDP"),))
         clients = {n.name: n.create_pod(NS, f"client-{n.name}", {"role": "client"}, ports=()) for n in (kpa, kp)}
         yield Pair(harness, kpa, kp, pods, clients)
     finally:
@@ -68,12 +66,17 @@ def pair(harness: Harness, request: pytest.FixtureRequest) -> Iterator[Pair]:
         kpa.close()
 
 
+def _tag(pair: Pair, node: Any) -> str:
+    return "kpa" if node is pair.kpa else "kp"
+
+
 def _norm(pair: Pair, node: Any, replies: list[str]) -> str:
     """Who answered and which client address they saw, in node-independent words."""
-    me = "kpa" if node is pair.kpa else "kp"
+    me = _tag(pair, node)
     names = {pair.kpa.sim.ip: "node", pair.kp.sim.ip: "node", pair.kpa.sim.gateway: "node-br0",
              pair.kp.sim.gateway: "node-br0", CLIENT_IP: "client"}
     names.update({c.ip: "client-pod" for c in pair.clients.values()})
+    names.update({p.ip: "itself" for p in pair.pods.values()})
     out = set()
     for r in replies:
         parts = r.split()
@@ -81,7 +84,9 @@ def _norm(pair: Pair, node: Any, replies: list[str]) -> str:
             out.add(r)
             continue
         server, peer = parts
-        server = server.replace(f"-{me}", "@local").replace("-kpa", "@remote").replace("-kp", "@remote")
+        base, _, where = server.rpartition("-")
+        if where in ("kpa", "kp"):
+            server = f"{base}@{'local' if where == me else 'remote'}"
         out.add(f"{server} <- {names.get(peer, peer)}")
     return ", ".join(sorted(out))
 
@@ -108,12 +113,13 @@ def test_ipvs_side_by_side_with_upstream_kube_proxy_ipvs(pair: Pair) -> None:
     np_svc = _svc(pair, "np", "s", [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
                   type="NodePort")
     nport = np_svc["spec"]["ports"][0]["nodePort"]
-    loc = _svc(pair, "loc", "l", type="NodePort", externalTrafficPolicy="Local")
-    lport = loc["spec"]["ports"][0]["nodePort"]
+    loc = {t: _svc(pair, f"loc-{t}", f"l-{t}", type="NodePort", externalTrafficPolicy="Local") for t in ("kpa", "kp")}
+    lport = {t: svc["spec"]["ports"][0]["nodePort"] for t, svc in loc.items()}
+    other = {"kpa": "kp", "kp": "kpa"}
     empty = _svc(pair, "empty", "nothing")
     aff = _svc(pair, "aff", "s", sessionAffinity="ClientIP")
     dns = _svc(pair, "dns", "u", [{"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}])
-    hp = _svc(pair, "hp", "l")
+    hp = {t: _svc(pair, f"hp-{t}", f"l-{t}") for t in ("kpa", "kp")}
 
     def from_client(node: Any, ip: str, port: int, proto: str = "tcp", n: int = 12) -> list[str]:
         c = pair.clients[node.name].name
@@ -126,14 +132,15 @@ def test_ipvs_side_by_side_with_upstream_kube_proxy_ipvs(pair: Pair) -> None:
         ("no endpoints: from a pod", lambda n: n.probe(pair.clients[n.name].name, empty["spec"]["clusterIP"], 80)),
         ("NodePort from outside via this node", lambda n: _norm(
             pair, n, [probe(h.client, n.sim.ip, nport, timeout=2) for _ in range(12)])),
-        ("ETP Local from outside (endpoint on the agent's node only)", lambda n: _norm(
-            pair, n, [probe(h.client, n.sim.ip, lport, timeout=1) for _ in range(4)])),
+        ("ETP Local, endpoint on this node: from outside", lambda n: _norm(
+            pair, n, [probe(h.client, n.sim.ip, lport[_tag(pair, n)], timeout=2) for _ in range(4)])),
+        ("ETP Local, endpoint on the other node: from outside", lambda n: _norm(
+            pair, n, [probe(h.client, n.sim.ip, lport[other[_tag(pair, n)]], timeout=1) for _ in range(2)])),
         ("sessionAffinity ClientIP from a pod", lambda n: f"{len(who(from_client(n, aff['spec']['clusterIP'], 80)))} "
                                                          "backend(s)"),
         ("UDP ClusterIP from a pod", lambda n: _norm(pair, n, from_client(n, dns["spec"]["clusterIP"], 53, "udp"))),
         ("hairpin: the only endpoint calls its own Service", lambda n: _norm(
-            pair, n, [pair.kpa.probe("l-kpa", hp["spec"]["clusterIP"], 80)]) if n is pair.kpa else _norm(
-            pair, n, [n.probe(pair.clients[n.name].name, hp["spec"]["clusterIP"], 80)])),
+            pair, n, [n.probe(f"l-{_tag(pair, n)}", hp[_tag(pair, n)]["spec"]["clusterIP"], 80)])),
     ]
     rows = []
     for title, observe in scenarios:
