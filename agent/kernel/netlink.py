@@ -12,6 +12,7 @@ of each, dumps, and rtnetlink addresses (dump, add, delete).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -33,6 +34,9 @@ NLM_F_CREATE = 0x400
 NLM_F_REPLACE = 0x100
 
 NLMSG_ERROR = 2
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+SO_RCVBUFFORCE = 33  # not in Python's socket module
 NLMSG_DONE = 3
 NLA_F_NESTED = 0x8000
 
@@ -128,13 +132,17 @@ def cstr(b: memoryview) -> str:
 
 def ip_bytes(address: str) -> tuple[int, bytes]:
     """(AF_INET or AF_INET6, packed address)."""
-    ip = ipaddress.ip_address(address)
-    return (socket.AF_INET if ip.version == 4 else socket.AF_INET6), ip.packed
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        return family, socket.inet_pton(family, address)
+    except OSError:
+        raise ValueError(f"{address!r} is not an IP address") from None
 
 
 def ip_text(family: int, raw: memoryview | bytes) -> str:
-    size = 4 if family == socket.AF_INET else 16
-    return str(ipaddress.ip_address(bytes(raw[:size])))
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, bytes(raw[:4]))
+    return str(ipaddress.ip_address(bytes(raw[:16])))  # ipaddress's spelling, as the model's
 
 
 # -- the socket ---------------------------------------------------------------------------------------
@@ -153,11 +161,20 @@ class Request:
 class Socket:
     """A netlink socket in the caller's network namespace."""
 
-    BATCH_BYTES = 48 * 1024  # per send(): well under the receive buffer the acks need
+    # per send(): every request gets an ack, each its own skb of about 1 KiB of receive buffer, so
+    # the count is bounded too (1,000 address adds in one send overran the buffer: ENOBUFS)
+    BATCH_BYTES = 48 * 1024
+    BATCH_REQUESTS = 256
+    RCVBUF = 4 << 20
 
     def __init__(self, protocol: int) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        try:  # root may exceed net.core.rmem_max; others get what it allows
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
+        with contextlib.suppress(OSError):  # error acks carry the header only, not the refused request
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._sock.bind((0, 0))
         self._seq = 0
 
@@ -195,7 +212,7 @@ class Socket:
             buf: list[bytes] = []
             size = 0
             by_seq: dict[int, Request] = {}
-            while i < len(requests) and (not buf or size < self.BATCH_BYTES):
+            while i < len(requests) and (not buf or (size < self.BATCH_BYTES and len(buf) < self.BATCH_REQUESTS)):
                 r = requests[i]
                 seq = self._next()
                 msg = _HDR.pack(_HDR.size + len(r.payload), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0)

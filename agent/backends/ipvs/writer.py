@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,6 +83,7 @@ class _Ops:
 
 class IpvsBackend:
     name: ClassVar[str] = "ipvs"
+    GRACEFUL_DUMP_MAX = 64  # virtual servers with graceful real servers read one by one, up to this many
     GRACEFUL_CHECK = 2.0  # seconds between checks of real servers waiting for their connections to end
     SYSCTLS = (
         ("net.ipv4.vs.conntrack", "1"),  # conntrack entries for IPVS connections: iptables masquerade works
@@ -498,7 +499,7 @@ class IpvsBackend:
             if not self._graceful or self._ipvs is None:
                 return 0
             ipvs = self._ipvs
-            table = parse_proc_ip_vs(PROC_IP_VS.read_text())
+            table = self._graceful_table(ipvs)
             requests = []
             for key, rk in list(self._graceful):
                 rs = next((r for r in table.get(key, ()) if r.key == rk), None)
@@ -514,6 +515,23 @@ class IpvsBackend:
                 log.info("graceful deletion done real_servers=%d", len(requests))
             self._gauges()
             return len(requests)
+
+    def _graceful_table(self, ipvs: Ipvs) -> Mapping[ServiceKey, Sequence[RealServer]]:
+        """The real servers (with connection counts) of the virtual servers holding graceful ones:
+        one dump each when they are few, else all of /proc/net/ip_vs at once (every 2 s, reading
+        100k real servers for one would cost more than the sync that made it)."""
+        keys = {key for key, _ in self._graceful}
+        if len(keys) > self.GRACEFUL_DUMP_MAX:
+            return parse_proc_ip_vs(PROC_IP_VS.read_text())
+        table: dict[ServiceKey, Sequence[RealServer]] = {}
+        for key in keys:
+            try:
+                table[key] = ipvs.dests(key)
+            except NetlinkError as exc:
+                if exc.errno not in GONE:
+                    raise
+                table[key] = ()
+        return table
 
     # -- render and cleanup ---------------------------------------------------------------------
 
