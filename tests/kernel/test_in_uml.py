@@ -14,8 +14,10 @@ from tests.modes import why_unusable
 from tests.uml import in_uml, run_in_uml, why_no_uml
 
 UML_MODES = ("ipvs",)  # modes whose kernel support is proven in the UML guest
+GUEST_TIMEOUT = 2400  # seconds for the guest's whole suite (about 5 minutes when the machine is idle)
 
 
+@pytest.mark.timeout(GUEST_TIMEOUT + 60)  # the whole suite runs in this one test: several minutes
 @pytest.mark.parametrize("uml_mode", UML_MODES)
 def test_kernel_suite_inside_uml(uml_mode: str, request: pytest.FixtureRequest) -> None:
     if in_uml():
@@ -34,6 +36,6 @@ def test_kernel_suite_inside_uml(uml_mode: str, request: pytest.FixtureRequest) 
         pytest.skip(f"cannot boot a UML guest for the {uml_mode} kernel suite: {why}")
     argv = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests/kernel",
             "--proxy-mode", uml_mode, "--timeout", "300"]
-    rc, out = run_in_uml(argv, timeout=2400)
+    rc, out = run_in_uml(argv, timeout=GUEST_TIMEOUT)
     print(out)
     assert rc == 0, f"{uml_mode} kernel suite inside UML failed (exit {rc}):\n{out[-6000:]}"
