@@ -15,7 +15,7 @@ from textwrap import dedent
 from typing import Any
 
 from agent.backends.iptables import chains as C
-from agent.backends.iptables.render import IptablesRenderer, RenderResult
+from agent.backends.iptables.render import IptablesRenderer, RenderResult, base_rules
 from agent.model.desired import DesiredState
 from agent.model.records import EndpointSlice, Service, from_builtins
 from agent.model.serviceport import NamespacedName, ServicePortName
@@ -991,3 +991,67 @@ def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written()
     node.renderer.render(node.desired, {WEB}, full=False)
     assert node.renderer.drift(counts, edited) == set()
     assert node.renderer.drift(counts, digests) == {WEB}
+
+
+def _chains_in(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            out.setdefault(table, set()).add(line[1:].split()[0])
+    return out
+
+
+def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
+    """Issue 15: a periodic full sync (told the kernel's chains by iptables-save) in which a port's
+    endpoints also changed listed the replaced endpoint chain twice: once as the port's own
+    leftover and once as a chain the kernel has and nobody wants. The second `-X` of one input
+    failed ("No chain/target/match by that name") and the whole restore was refused. Each chain is
+    deleted once, in one of the restores, batched or not."""
+    for batch in (0, 1):
+        node = two_services()
+        existing = _chains_in(node.sync(full=True).text)
+        node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.9.9")]))
+        update = node.model.drain()
+        out = node.renderer.render(node.desired, update.changed[node.family], full=False,
+                                   existing_chains=existing, batch_chains=batch)
+        deletions = [c for text in out.batches for c in re.findall(r"^-X (\S+)$", text, flags=re.M)]
+        assert deletions == ["KPA-SEP-JCWLNDCAE5RWD7YY"], (batch, out.batches)
+        assert out.deleted_chains == 1
+
+
+def test_a_refused_batch_costs_that_batch_not_a_full_rewrite() -> None:
+    """Issue 15: a periodic sync writing service chains in several restores had one refused. The
+    restores before it went in; the next sync rewrites the ports of the refused restore and later
+    ones (and the shared chains), not every chain of every port."""
+    node = Node().apply(*(obj for i in range(6) for obj in (
+        service(f"s{i}", f"10.96.0.{10 + i}", HTTP),
+        endpoint_slice(f"s{i}-1", f"s{i}", [endpoint(f"10.244.1.{10 + i}")]))))
+    node.sync(full=True)
+    node.renderer.in_sync = True  # as the writer marks it after a full sync went in
+    out = node.sync(full=True, batch_chains=4)
+    assert len(out.batches) > 2 and len(out.batch_ports) == len(out.batches)
+    refused = frozenset().union(*out.batch_ports[1:])
+    assert refused and refused != frozenset(node.desired.services)
+    node.renderer.refused(refused)
+    assert node.renderer.in_sync
+    # the next sync, even one with no change of its own, rewrites exactly those ports' chains
+    retry = node.sync()
+    written = {spn for spn in node.desired.services
+               if f":{C.service_chain('SVC', str(spn), spn.protocol)} " in retry.text}
+    assert written == refused
+    # and the periodic check counts them as drift until written
+    node.renderer.refused(refused)
+    counts = {key: len(rules) for key, rules in base_rules(node.desired.node).items()}
+    counts |= node.renderer._dispatch_count
+    counts |= {(t, c): len(rules) for spn in node.desired.services
+               for t, cs in node.renderer._rules[spn].chains.items() for c, rules in cs}
+    assert node.renderer.drift(counts) == set(refused)
+
+
+def test_a_refused_restore_before_anything_was_in_sync_means_a_complete_rewrite() -> None:
+    node = two_services()  # never marked in sync: the kernel's state is unknown
+    node.renderer.refused({WEB})
+    assert node.renderer.drift({}) is None

@@ -56,6 +56,9 @@ class RenderResult:
     deleted_chains: int
     per_table: dict[str, int] = field(default_factory=dict)  # rules written per table
     totals: dict[str, int] = field(default_factory=dict)  # rules in each table after the write
+    # the service ports each batch writes (parallel to `batches`): when one is refused, those of
+    # it and of every later batch are what the kernel may lack
+    batch_ports: list[frozenset[ServicePortName]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -278,6 +281,8 @@ class IptablesRenderer:
         # edited in place (same count) in a port with a digest is drift.
         self._digests: dict[ServicePortName, int] = {}
         self._unchecked: set[ServicePortName] = set()
+        # ports a refused restore left unwritten: rewritten by the next sync, whatever it is
+        self._unwritten: set[ServicePortName] = set()
 
     def reset(self) -> None:
         """Forget what was written (after a failed restore): the next render must be full."""
@@ -285,7 +290,22 @@ class IptablesRenderer:
         self._dispatch_count.clear()
         self._digests.clear()
         self._unchecked.clear()
+        self._unwritten.clear()
         self.in_sync = False
+
+    def refused(self, ports: Iterable[ServicePortName]) -> None:
+        """A restore of a sync was refused after the earlier ones of that sync went in. When the
+        kernel held what was written before this sync, only `ports` (those of the refused restore
+        and later ones) and the shared chains are in doubt: the next sync rewrites just those, and
+        its check against iptables-save finds anything else. Otherwise: reset()."""
+        if not self.in_sync:
+            self.reset()
+            return
+        self._unwritten.update(ports)
+        self._dispatch_text.clear()
+        for spn in self._unwritten:
+            self._digests.pop(spn, None)
+            self._unchecked.discard(spn)
 
     def drift(self, rule_counts: Mapping[tuple[str, str], int],
               digests: Mapping[tuple[str, str], int] | None = None) -> set[ServicePortName] | None:
@@ -315,7 +335,7 @@ class IptablesRenderer:
                     drifted.add(spn)
         for spn in drifted:
             self._digests.pop(spn, None)
-        return drifted
+        return drifted | (self._unwritten & self._rules.keys())
 
     def render(
         self,
@@ -332,7 +352,8 @@ class IptablesRenderer:
         slows down quadratically with the chains in one restore); 0 writes one restore."""
         node = desired.node
         self._node = node
-        to_write: set[ServicePortName] = set(desired.services) if full else set(changed)
+        to_write: set[ServicePortName] = set(desired.services) if full else set(changed) | self._unwritten
+        self._unwritten.clear()
         deleted: set[tuple[str, str]] = set()  # deleted after the shared chains stop jumping there
         dropped: dict[ServicePortName, set[tuple[str, str]]] = {}  # deleted with their service's chains
         for spn in to_write:
@@ -383,6 +404,9 @@ class IptablesRenderer:
         deleted = {(t, c) for t, c in deleted if c not in wanted[t]}
         for spn, chains in dropped.items():
             dropped[spn] = {(t, c) for t, c in chains if c not in wanted[t]}
+            # deleted with its port's chains, never a second time (a second -X in one input is
+            # refused: "No chain/target/match by that name"; in a later batch it would recreate it)
+            deleted -= dropped[spn]
         for spn in to_write:  # rewritten ports get their digest at the next check
             self._digests.pop(spn, None)
             if spn in self._rules:
@@ -401,16 +425,19 @@ class IptablesRenderer:
         # then the shared chains that jump to them, base chains, hooks and deletions.
         per_table: dict[str, int] = {}
         batches: list[str] = []
+        batch_ports: list[frozenset[ServicePortName]] = []
         n_rules = n_chains = 0
         pending: dict[str, tuple[list[str], list[str], list[str]]] = {}
         pending_chains = 0
+        pending_ports: set[ServicePortName] = set()
 
         def flush_batch() -> None:
-            nonlocal pending, pending_chains
+            nonlocal pending, pending_chains, pending_ports
             text = _emit(pending)
             if text:
                 batches.append(text)
-            pending, pending_chains = {}, 0
+                batch_ports.append(frozenset(pending_ports))
+            pending, pending_chains, pending_ports = {}, 0, set()
 
         dispatch_chains = {chain for _, chain in DISPATCH}
         if full:
@@ -425,6 +452,7 @@ class IptablesRenderer:
             r = self._rules.get(spn)
             if r is None:
                 continue
+            pending_ports.add(spn)
             for table, name in dropped.get(spn, ()):
                 pending.setdefault(table, ([], [], []))[2].append(name)
             for table, owned in r.chains.items():
@@ -458,6 +486,7 @@ class IptablesRenderer:
         final = _emit(last)
         if final:
             batches.append(final)
+            batch_ports.append(frozenset(pending_ports))
         n_rules = sum(per_table.values())
         totals = {t: sum(len(v) for (tt, c), v in base.items() if tt == t) for t in C.TABLES}
         for r in self._rules.values():
@@ -470,4 +499,5 @@ class IptablesRenderer:
             chains=n_chains,
             deleted_chains=len(deleted) + sum(len(v) for v in dropped.values()),
             per_table=per_table,
+            batch_ports=batch_ports,
         )

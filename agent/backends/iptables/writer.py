@@ -26,6 +26,7 @@ from agent.kernel.xtables import (
     with_hooks,
 )
 from agent.model.desired import Changes, DesiredState
+from agent.model.serviceport import ServicePortName
 
 log = logging.getLogger("agent.iptables")
 
@@ -109,9 +110,10 @@ class IptablesBackend:
                 out.batches.append(with_hooks(last, hooks))
             else:
                 out = renderer.render(state, changed, full=False, batch_chains=batch)
-            for text in out.batches:
+            for i, text in enumerate(out.batches):
                 if text:
-                    self._restore(fam, text, renderer, partial=not full)
+                    self._restore(fam, text, renderer, partial=not full,
+                                  unwritten=frozenset().union(*out.batch_ports[i:]))
             if full:
                 renderer.in_sync = True
             _count(result, fam, out)
@@ -120,11 +122,17 @@ class IptablesBackend:
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
         return result
 
-    def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool) -> None:
+    def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool,
+                 unwritten: frozenset[ServicePortName]) -> None:
         try:
             restore(self.tools, fam, text)
         except RestoreFailed as exc:
-            renderer.reset()
+            # Earlier restores of this sync went in. When the kernel held what was written before,
+            # the next sync rewrites only this restore's service ports and later ones (and checks
+            # the rest against iptables-save), not everything; otherwise it starts over.
+            log.warning("restore refused; the next sync rewrites what it held family=IPv%d "
+                        "service_ports=%d complete_rewrite=%s", fam, len(unwritten), not renderer.in_sync)
+            renderer.refused(unwritten)
             self.metrics.failed(partial)
             raise SyncError(str(exc), partial=partial) from exc
 
