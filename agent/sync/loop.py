@@ -187,9 +187,10 @@ class SyncLoop:
         self.health.updated()
         self._stale_flows = []  # the mode cleaned them up
         self._after_sync()
-        log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s %s", self.backend.name, full,
+        log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s %s%s", self.backend.name, full,
                  changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())),
-                 " ".join(f"written_{k}={v}" for k, v in sorted(result.written.items())))
+                 " ".join(f"written_{k}={v}" for k, v in sorted(result.written.items())),
+                 f" detail={result.detail!r}" if result.detail else "")
         return True
 
     def _after_sync(self) -> None:

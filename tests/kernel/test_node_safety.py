@@ -164,6 +164,16 @@ def test_drift_is_repaired_by_periodic_full_sync(mode: str) -> None:
             n.lab.exec(n.node, "iptables", "-t", "nat", "-R", chain, str(index), *spec)
             assert n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-b")
             assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+        if mode == "nftables":
+            # A service's own chain emptied by hand: the periodic check re-asserts every port of a
+            # small table each time (a slice of a big one), without rewriting the table.
+            vmap = n.lab.exec(n.node, "nft", "list", "map", "ip", "kube-proxy-agent", "service-ips")
+            svc_chain = re.search(rf"{re.escape(ips[0])} \. tcp \. 80 .*: jump (\S+)", vmap)
+            assert svc_chain, vmap
+            n.lab.exec(n.node, "nft", "flush", "chain", "ip", "kube-proxy-agent", svc_chain.group(1))
+            assert n.probe(ips[0], 80, src="pod-a", timeout=0.5) != "pod-c"
+            assert wait_for(lambda: n.probe(ips[0], 80, src="pod-a", timeout=0.5).startswith("pod-c"), 10)
+            assert "IPv4=check(reasserted=" in n.log.read_text()
 
 
 def test_kernel_refusal_keeps_rules_counts_and_retries_full(mode: str) -> None:

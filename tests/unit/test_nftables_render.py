@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from string import Template
 from typing import Any
 
@@ -643,3 +644,68 @@ def test_backend_render_is_the_full_load_per_family() -> None:
     out = NftablesBackend(FakeNft()).render({4: state(NODE4, web), 6: state(NODE6)})
     assert out.startswith("# IPv4: input for nft -f\n" + PRELUDE)
     assert "# IPv6: input for nft -f\nadd table ip6 kube-proxy-agent\n" in out
+
+
+# -- the periodic check (issue 15: a periodic full resync rewrote the whole table, and every change
+# waited behind it: seconds at 10k Services) ----------------------------------------------------
+
+
+def _existing(r: NftRenderer, st: DesiredState) -> Existing:
+    """What the kernel lists after r's last full render went in (names only)."""
+    text = r.render(st, (), full=True).text
+    r.known = True
+    chains = frozenset(re.findall(r"^add chain \S+ \S+ (\S+)", text, flags=re.M))
+    sets = frozenset(re.findall(r"^add set \S+ \S+ (\S+)", text, flags=re.M))
+    maps = frozenset(re.findall(r"^add map \S+ \S+ (\S+)", text, flags=re.M))
+    return Existing(chains, sets, maps)
+
+
+def test_periodic_check_is_one_small_transaction_with_the_changes_in_it() -> None:
+    """A periodic sync while the kernel holds what was written: no table flush; the fixed chains
+    rewritten, the maps declared (a no-op when present), this sync's change, and the ports of this
+    slice re-asserted (chains flushed and refilled, their map elements added again)."""
+    web = ServicePlan(info("web", node_port=30080), (A,), has_any=True)
+    db = ServicePlan(info("db", "10.96.0.20"), (B,), has_any=True)
+    st = state(NODE4, web, db)
+    r = NftRenderer(4)
+    existing = _existing(r, st)
+    st.services[web.name] = dataclasses.replace(web, cluster=(A, B))
+    out = r.render(st, {web.name}, full=True, existing=existing)
+    assert not out.full and not out.missing and out.reasserted == 2
+    assert f"flush table {T4}" not in out.text and f"flush map {T4}" not in out.text
+    assert f"flush chain {T4} {N.SERVICES}\n" in out.text
+    assert out.text.index("dnat to 10.244.1.3:8080") < out.text.index(f"add chain {T4} {N.SERVICES}")
+    n = names("db")
+    assert f"add chain {T4} {n['svc']}\nflush chain {T4} {n['svc']}\n" in out.text
+    assert f"10.96.0.20 . tcp . 80 comment \"default/db:http cluster IP\" : jump {n['svc']}," in out.text
+    # the result is what a full render would leave: a later partial diff starts from it
+    assert r.render(st, {web.name}, full=False).text == ""
+
+
+def test_periodic_check_sweeps_all_ports_in_slices_and_repairs_missing_chains_at_once() -> None:
+    plans = [ServicePlan(info(f"s{i:02}", f"10.96.0.{i + 10}"), (A,), has_any=True) for i in range(10)]
+    st = state(NODE4, *plans)
+    r = NftRenderer(4)
+    existing = _existing(r, st)
+    r.SWEEP_MIN, r.SWEEP_CHECKS = 1, 4  # 10 ports: 3 per check, all within 4 checks
+    seen: list[set[str]] = []
+    for _ in range(4):
+        out = r.render(st, (), full=True, existing=existing)
+        seen.append({p.name.name for p in plans if f"flush chain {T4} {names(p.name.name)['svc']}" in out.text})
+        assert out.reasserted == 3 or (out.reasserted == 1 and len(seen) == 4)
+    assert set().union(*seen) == {p.name.name for p in plans}
+    # a service chain deleted by hand: its port is rewritten by the next check, whatever the slice
+    gone = names("s07")["svc"]
+    out = r.render(st, (), full=True, existing=dataclasses.replace(existing, chains=existing.chains - {gone}))
+    assert out.missing == (gone,) and f"add chain {T4} {gone}\n" in out.text and not out.full
+
+
+def test_periodic_check_rewrites_the_table_when_a_fixed_part_is_gone() -> None:
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    st = state(NODE4, web)
+    r = NftRenderer(4)
+    existing = _existing(r, st)
+    out = r.render(st, (), full=True, existing=dataclasses.replace(existing, maps=existing.maps - {N.SERVICE_IPS}))
+    assert out.full and out.missing == (N.SERVICE_IPS,) and f"flush table {T4}" in out.text
+    out = r.render(st, (), full=True, existing=Existing())  # the table deleted
+    assert out.full and N.SERVICES in out.missing

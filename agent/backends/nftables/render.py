@@ -80,6 +80,10 @@ class RenderResult:
     full: bool
     written: dict[str, int] = field(default_factory=dict)  # statements per map, chains, rules
     totals: dict[str, int] = field(default_factory=dict)  # elements per map, chains, rules after it
+    # a periodic check: what it found missing in the kernel (table objects by name) and how many
+    # service ports it re-asserted
+    missing: tuple[str, ...] = ()
+    reasserted: int = 0
 
 
 def _comment(text: str) -> str:
@@ -341,8 +345,15 @@ class NftRenderer:
     `known` says the kernel holds what this renderer last rendered; the writer clears it when a
     transaction fails (`reset`), which makes the next render full."""
 
+    # A periodic check re-asserts every service port at least once per this many checks (at the
+    # default 30 s sync period: once an hour, as often as kube-proxy rewrites everything), and at
+    # least SWEEP_MIN ports per check (so a small table is re-asserted whole every time).
+    SWEEP_CHECKS = 120
+    SWEEP_MIN = 64
+
     def __init__(self, family: int) -> None:
         self.family = family
+        self._sweep: list[ServicePortName] = []  # ports still to re-assert in this round
         self.table = N.table_ref(family)
         self._memo: dict[ServicePortName, ServiceNft] = {}
         # (map, key) -> {service port: value}; the kernel holds the smallest service port's value,
@@ -392,9 +403,90 @@ class NftRenderer:
         full sync delete leftovers it has no memory of."""
         if desired.family != self.family:
             raise ValueError(f"renderer for IPv{self.family} given IPv{desired.family} state")
+        if full and not self.needs_full(desired) and existing is not None:
+            missing = self._missing_fixed(existing)
+            if not missing:
+                return self._periodic(desired, changed, existing)
+            self.known = False  # the table, a map or a fixed chain is gone: rewrite it whole
+            out = self._full(desired, existing)
+            out.missing = missing
+            return out
         if full or self.needs_full(desired):
             return self._full(desired, existing)
         return self._partial(desired, changed)
+
+    def _missing_fixed(self, existing: Existing) -> tuple[str, ...]:
+        """Fixed objects of the table the kernel lacks (any of them: the whole table is rewritten)."""
+        have = existing.sets | existing.maps
+        gone = [c for c in sorted(N.FIXED_CHAINS) if c not in existing.chains]
+        gone += [m for m, _, _ in N.MAPS if m not in have]
+        if self._node is not None:
+            gone += [name for name, _, _ in node_sets(self._node) if name not in have]
+        return tuple(gone)
+
+    def _periodic(self, desired: DesiredState, changed: Iterable[ServicePortName], existing: Existing) -> RenderResult:
+        """The periodic check while the kernel holds what was rendered: instead of rewriting the
+        whole table (seconds at 10k Services, with every change waiting behind it), one small
+        transaction: this sync's changes; the fixed chains and node sets rewritten (a handful of
+        rules); the ports whose chains or sets the kernel lacks; and the next slice of all ports
+        re-asserted (chains flushed and refilled, map elements added: a no-op where present), so
+        that every port is rewritten within SWEEP_CHECKS checks."""
+        out = self._partial(desired, changed)
+        node = desired.node
+        t = self.table
+        lines = [out.text.rstrip("\n")] if out.text else []
+        lines.append(f"add table {t}")
+        for mapname, key, is_map in N.MAPS:
+            kind, data = ("map", " : verdict") if is_map else ("set", "")
+            lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(self.family, key)}{data} ; }}")
+        for name, flags, members in node_sets(node):
+            lines.append(f"add set {t} {name} {{ type {_addr_type(self.family)} ;{flags} }}")
+            lines.append(f"flush set {t} {name}")
+            if members:
+                lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
+        n_rules = 0
+        for name, decl, rules in base_chains(node):
+            lines += [f"add chain {t} {name}{decl}", f"flush chain {t} {name}"]
+            lines += _chain_lines(t, name, rules)
+            n_rules += len(rules)
+
+        have = existing.sets | existing.maps
+        broken = [spn for spn, s in self._memo.items()
+                  if any(c not in existing.chains for c, _ in s.chains) or any(n not in have for n, _ in s.sets)]
+        if not self._sweep:
+            self._sweep = sorted(self._memo, reverse=True)  # popped from the end: sorted order
+        take = max(self.SWEEP_MIN, -(-len(self._memo) // self.SWEEP_CHECKS))
+        todo = dict.fromkeys(broken)
+        while self._sweep and len(todo) < take + len(broken):
+            todo[self._sweep.pop()] = None
+        adds: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
+        chains = 0
+        for spn in todo:
+            s = self._memo.get(spn)
+            if s is None:
+                continue
+            lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
+            for name, rules in s.chains:
+                lines += [f"add chain {t} {name}", f"flush chain {t} {name}"]
+                lines += _chain_lines(t, name, rules)
+                n_rules += len(rules)
+                chains += 1
+            for mapname, key, _, _ in s.elements:
+                value = self._kernel[mapname].get(key)
+                owners = self._owners.get((mapname, key), {})
+                if value is not None and owners and min(owners) == spn:
+                    adds[mapname].append(_add_item(key, value))
+        for mapname, _, _ in N.MAPS:
+            lines += _element_block("add", t, mapname, adds[mapname])
+        for mapname, n in ((m, len(a)) for m, a in adds.items()):
+            out.written[mapname] = out.written.get(mapname, 0) + n
+        out.written["chains"] = out.written.get("chains", 0) + BASE_CHAIN_COUNT + chains
+        out.written["rules"] = out.written.get("rules", 0) + n_rules
+        out.text = "\n".join(lines) + "\n"
+        out.missing = tuple(sorted({c for spn in broken for c, _ in self._memo[spn].chains if c not in existing.chains}
+                                   | {n for spn in broken for n, _ in self._memo[spn].sets if n not in have}))
+        out.reasserted = len(todo)
+        return out
 
     def _full(self, desired: DesiredState, existing: Existing | None) -> RenderResult:
         node = desired.node

@@ -231,13 +231,19 @@ class NftablesBackend:
         nft = self._require()
         result = SyncResult()
         unknown = [f for f in self.families if not self._renderers[f].known]
-        existing = self._existing(nft) if unknown else {}
+        # A full sync lists our chains and sets (names only): after a restart or failure to delete
+        # leftovers; periodically to find what is missing (see NftRenderer._periodic).
+        existing = self._existing(nft) if unknown or full else {}
         texts: list[str] = []
         outs: dict[int, RenderResult] = {}
         for fam in self.families:
             renderer = self._renderers[fam]
             changed = changes[fam].ports if fam in changes else frozenset()
             out = renderer.render(desired[fam], changed, full=full, existing=existing.get(fam))
+            if out.missing:
+                log.warning("rules drifted from what was written; repairing family=IPv%d rewrite=%s missing=%s",
+                            fam, "table" if out.full else "service ports", ",".join(out.missing[:10])
+                            + (f",...({len(out.missing)})" if len(out.missing) > 10 else ""))
             outs[fam] = out
             texts.append(out.text)
         text = "".join(texts)
@@ -259,7 +265,8 @@ class NftablesBackend:
                 result.written[key + suffix] = n
             for key, n in out.totals.items():
                 result.totals[key + suffix] = n
-        kinds = {fam: "full" if out.full else "partial" for fam, out in outs.items()}
+        kinds = {fam: "full" if out.full else f"check(reasserted={out.reasserted})" if full else "partial"
+                 for fam, out in outs.items()}
         result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
         self.metrics.written(result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
