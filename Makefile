@@ -49,6 +49,9 @@ kernel: install
 	$(VENV)/bin/pytest -q tests/kernel
 
 test: lint typecheck
+	@# the e2e tests' control plane: built (10-17 min cold, then cached) before pytest, whose
+	@# per-test timeout it would exceed; a failed build is reported by the e2e tests themselves
+	@tests/cluster/build.sh >/dev/null || echo "tests/cluster/build.sh failed: the e2e tests will say why"
 	$(VENV)/bin/pytest -q -rfEs tests
 
 bench: install
