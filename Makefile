@@ -6,7 +6,7 @@ APT_PACKAGES := iptables nftables python3-nftables conntrack ipset iproute2 kmod
 	python3-pip openssl procps ipvsadm user-mode-linux python3-bpfcc linux-headers-amd64
 PROXY_MODE ?= iptables
 
-.PHONY: install test unit kernel lint typecheck bench demo clean
+.PHONY: install test unit kernel lint typecheck bench bench-compare demo clean
 .DEFAULT_GOAL := help
 
 help:
@@ -14,6 +14,7 @@ help:
 	@echo "make test      lint, type-check and every test (unit, kernel, end-to-end)"
 	@echo "make demo      two simulated nodes on a real control plane, PROXY_MODE=$(PROXY_MODE)"
 	@echo "make bench     1k/10k Services benchmark (not part of make test)"
+	@echo "make bench-compare  kube-proxy vs the agent on the real control plane (COMPARE_ARGS=--sizes 1000,10000)"
 
 $(VENV)/.installed: pyproject.toml
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -56,6 +57,10 @@ test: lint typecheck
 
 bench: install
 	$(PY) -m tests.bench.bench $(BENCH_ARGS)
+
+# upstream kube-proxy and the agent side by side on the real control plane (tests/bench/compare.py)
+bench-compare: install cluster-bins
+	$(PY) -m tests.bench.compare $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

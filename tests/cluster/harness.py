@@ -200,6 +200,7 @@ class Harness:
         self._pod_seq = itertools.count(1)
         self._canary_ready = False
         self._t0 = time.monotonic()
+        self.sync_period = "10s"  # both proxies' periodic sync (the benchmark uses kube-proxy's 30s)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -378,14 +379,14 @@ class Harness:
         assert self.cp is not None
         if node.proxy_kind == "kube-proxy":
             return [str(self.cp.bins / "kube-proxy"), f"--kubeconfig={self.cp.kubeconfigs['kube-proxy']}",
-                    f"--hostname-override={node.name}", "--proxy-mode=iptables", f"--cluster-cidr={CLUSTER_CIDR}",
-                    "--iptables-min-sync-period=0s", "--iptables-sync-period=10s",
+                    f"--hostname-override={node.name}", f"--proxy-mode={node.mode}", f"--cluster-cidr={CLUSTER_CIDR}",
+                    "--iptables-min-sync-period=0s", f"--iptables-sync-period={self.sync_period}",
                     "--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=0.0.0.0:10256",
                     "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
                     "--conntrack-tcp-timeout-close-wait=0", "--v=2"]
         argv = [agent_binary(), "--kubeconfig", str(self.cp.kubeconfigs["agent"]), "--hostname-override", node.name,
                 "--proxy-mode", node.mode, "--cluster-cidr", CLUSTER_CIDR, "--min-sync-period", "0s",
-                "--sync-period", "10s", "--metrics-bind-address", "127.0.0.1:10249"]
+                "--sync-period", self.sync_period, "--metrics-bind-address", "127.0.0.1:10249"]
         if node.sockets is not None:
             argv += ["--ebpf-cgroup-root", node.sockets.cgroup, "--ebpf-bpffs-root", node.bpffs]
         return argv

@@ -20,7 +20,7 @@ from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.nftables import names as N
 from agent.backends.nftables.metrics import NftablesMetrics
 from agent.backends.nftables.render import Existing, NftRenderer, RenderResult
-from agent.kernel import conntrack
+from agent.kernel import conntrack, heap
 from agent.kernel.commands import CommandError, have, run
 from agent.model.desired import Changes, DesiredState
 
@@ -160,6 +160,7 @@ def probe_text(family: int) -> str:
 
 class NftablesBackend:
     name: ClassVar[str] = "nftables"
+    TRIM_AFTER = 1 << 20  # transaction text size (bytes) after which the C heap is trimmed
 
     def __init__(self, nft: Nft | None = None, families: tuple[int, ...] = (4, 6),
                  registry: CollectorRegistry | None = None) -> None:
@@ -249,6 +250,8 @@ class NftablesBackend:
         text = "".join(texts)
         if text:
             rc, _, err = nft.run(text)
+            if len(text) > self.TRIM_AFTER:
+                heap.trim()  # libnftables freed what parsing a big transaction took: give it back
             if rc != 0:
                 for fam in self.families:
                     self._renderers[fam].reset(full=outs[fam].full)

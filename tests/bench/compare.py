@@ -1,0 +1,373 @@
+"""`make bench-compare`: upstream kube-proxy and kube-proxy-agent side by side on the real control
+plane (tests/cluster), in the same mode, on the same machine, in the same run.
+
+Per mode and size: N Services (every tenth a NodePort) with one EndpointSlice of 10 endpoints each
+are written through the API, as the EndpointSlice controller would; then two node namespaces start,
+one running kube-proxy, one the agent, both with --min-sync-period 0 and the same --sync-period.
+Everything is observed from outside the proxy (never from its own log or metrics):
+
+  cold start        proxy process start -> a real connection to a probe Service answered (every
+                    Service is written in the same sync), and the CPU seconds the process tree
+                    (children included: iptables-restore, nft) used until then
+  change -> kernel  the probe Service's EndpointSlice switched between two real pods, `--changes`
+                    times at `--rate` per second: from the API accepting the update to the first
+                    connection (one attempt every 10 ms) answered by the new pod, on both nodes
+                    at once; then a burst: `--burst` updates of other Services in one second, the
+                    probe's last, measured from that last update
+  CPU               seconds per minute while the changes trickle in, and idle (periodic syncs only)
+  memory            peak and steady RSS of the process tree, sampled every 0.25 s
+
+It prints one table per mode and size with the ratio agent/kube-proxy; nothing asserts on time.
+Only addresses this run creates are probed (network namespaces of the harness).
+
+    .venv/bin/python -m tests.bench.compare --sizes 1000 --modes iptables,nftables
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.cluster.harness import Harness, Pod, SimNode, answered, ask, first_success
+from tests.cluster.kubeapi import ApiError
+
+NS = "bench"
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/bench/endpointslices"
+SERVICES = "/api/v1/namespaces/bench/services"
+MANAGED_BY = {"endpointslice.kubernetes.io/managed-by": "bench.kube-proxy-agent"}
+PROXIES = ("kube-proxy", "agent")
+
+
+def _endpoint_ip(n: int) -> str:
+    """Endpoint addresses nobody answers on (never probed): 10.200.0.1 onwards."""
+    n += 1
+    return f"10.{200 + (n >> 16)}.{(n >> 8) & 255}.{n & 255}"
+
+
+def _service(i: int) -> dict[str, Any]:
+    nodeport = i % 10 == 0
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}", "namespace": NS},
+            "spec": {"type": "NodePort" if nodeport else "ClusterIP",
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+
+
+def _slice(name: str, service: str, ips: list[str], node: str = "elsewhere") -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": name, "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": service, **MANAGED_BY}},
+            "endpoints": [{"addresses": [ip], "nodeName": node, "conditions": {"ready": True}} for ip in ips],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
+
+
+# -- the proxies' process trees -------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds of `pid` and of its children, waited-for (cutime) and running."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate(_tree(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if i == 0:
+            total += (int(fields[13]) + int(fields[14])) / tick  # waited-for children
+    return total
+
+
+def _rss_mb(pid: int) -> float:
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return total / 1024
+
+
+@dataclass
+class Watch:
+    """Samples one proxy's process-tree RSS every 0.25 s."""
+
+    pid: int
+    peak: float = 0.0
+    last: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last = _rss_mb(self.pid)
+            self.peak = max(self.peak, self.last)
+            self._stop.wait(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    cold_s: float | None = None
+    cold_cpu_s: float | None = None
+    lat: list[float] = field(default_factory=list)
+    burst_s: float | None = None
+    cpu_trickle: float | None = None  # CPU seconds per minute
+    cpu_idle: float | None = None
+    peak_mb: float = 0.0
+    steady_mb: float = 0.0
+    timeouts: int = 0
+
+
+class Bench:
+    def __init__(self, h: Harness, args: argparse.Namespace) -> None:
+        self.h = h
+        self.args = args
+        self.created = 0
+        self.index = 10
+        h.namespace(NS)
+        self.podhost = h.add_node("bench-pods", 2, start_proxy=False)
+        self.pods: list[Pod] = [h.create_pod(NS, f"probe-{x}", self.podhost) for x in "ab"]
+        self.h.api.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "probe", "namespace": NS},
+                           "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+        self.probe_ip = str(self.h.api.get(f"{SERVICES}/probe")["spec"]["clusterIP"])
+        self.h.api.create(_slice("probe-1", "probe", [self.pods[0].ip], self.podhost.name))
+        self.current = 0  # which pod the probe slice names
+
+    def grow(self, size: int) -> None:
+        """Services s0..s{size-1} and their slices (those already there are kept)."""
+        t0 = time.monotonic()
+
+        def one(i: int) -> None:
+            for obj in (_service(i), _slice(f"s{i}-1", f"s{i}", [_endpoint_ip(i * 10 + j) for j in range(10)])):
+                try:
+                    self.h.api.create(obj)
+                except ApiError as exc:
+                    if exc.status != 409:
+                        raise
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(self.created, size)))
+        self.h.say(f"{size - self.created} Services and EndpointSlices written through the API in "
+                   f"{time.monotonic() - t0:.0f}s")
+        self.created = size
+
+    def switch_probe(self) -> tuple[float, str]:
+        """Point the probe Service at the other pod; (time the API accepted it, that pod's name)."""
+        self.current = 1 - self.current
+        pod = self.pods[self.current]
+        body = self.h.api.get(f"{SLICES}/probe-1")
+        body["endpoints"] = _slice("probe-1", "probe", [pod.ip], self.podhost.name)["endpoints"]
+        self.h.api.put(f"{SLICES}/probe-1", body)
+        return time.monotonic(), pod.name
+
+    def answers(self, node: SimNode, name: str, t0: float, timeout: float) -> float | None:
+        def attempt() -> str:
+            return ask(node.netns, self.probe_ip, 80, timeout=1.0)
+        try:
+            t, _ = first_success(attempt, lambda r: answered(r) and r.split()[0] == name, timeout=timeout)
+        except TimeoutError:
+            return None
+        return t - t0
+
+    def on_both(self, nodes: dict[str, SimNode], name: str, t0: float, timeout: float) -> dict[str, float | None]:
+        """Each node's time from t0 to `name` answering, measured at the same time."""
+        with concurrent.futures.ThreadPoolExecutor(len(nodes) or 1) as pool:
+            futures = {p: pool.submit(self.answers, node, name, t0, timeout) for p, node in nodes.items()}
+            return {p: f.result() for p, f in futures.items()}
+
+    def run(self, mode: str, size: int) -> dict[str, Figures]:
+        a = self.args
+        self.grow(size)
+        figs = {p: Figures() for p in PROXIES}
+        nodes: dict[str, SimNode] = {}
+        watches: dict[str, Watch] = {}
+        try:
+            for proxy in PROXIES:  # one after the other: each cold start has the machine to itself
+                self.index += 1
+                node = self.h.add_node(f"b{mode[:3]}-{'kp' if proxy == 'kube-proxy' else 'ag'}{self.index}",
+                                       self.index, proxy=proxy, mode=mode, peers=[self.podhost], start_proxy=False)
+                nodes[proxy] = node
+                t0 = time.monotonic()
+                self.h.start_proxy(node, wait=False)
+                assert node.proxy is not None
+                pid = node.proxy.pid
+                watches[proxy] = Watch(pid)
+                took = self.answers(node, self.pods[self.current].name, t0, a.cold_timeout)
+                figs[proxy].cold_s = took
+                figs[proxy].cold_cpu_s = _cpu(pid)
+                self.h.say(f"{proxy} ({mode}, {size}): cold start "
+                           + (f"{took:.1f}s, {figs[proxy].cold_cpu_s:.1f} CPU s" if took is not None
+                              else f"not done after {a.cold_timeout:.0f}s"))
+            live = [p for p in PROXIES if figs[p].cold_s is not None]
+            time.sleep(2)  # let any sync still running after the first answer finish
+
+            # a trickle of changes
+            cpu0 = {p: _cpu(nodes[p].proxy.pid) for p in live}  # type: ignore[union-attr]
+            w0 = time.monotonic()
+            for k in range(a.changes):
+                due = w0 + k / a.rate
+                time.sleep(max(0.0, due - time.monotonic()))
+                t0, name = self.switch_probe()
+                got = self.on_both({p: nodes[p] for p in live}, name, t0, 30)
+                for p, s in got.items():
+                    if s is None:
+                        figs[p].timeouts += 1
+                    else:
+                        figs[p].lat.append(s)
+            minutes = (time.monotonic() - w0) / 60
+            for p in live:
+                figs[p].cpu_trickle = (_cpu(nodes[p].proxy.pid) - cpu0[p]) / minutes  # type: ignore[union-attr]
+
+            # a burst: other Services' slices, the probe's last
+            rng = __import__("random").Random(size)
+            b0 = time.monotonic()
+            for j in range(a.burst - 1):
+                i = rng.randrange(size)
+                body = self.h.api.get(f"{SLICES}/s{i}-1")
+                body["endpoints"][0]["addresses"] = [_endpoint_ip(size * 10 + j)]
+                self.h.api.put(f"{SLICES}/s{i}-1", body)
+            t0, name = self.switch_probe()
+            got = self.on_both({p: nodes[p] for p in live}, name, t0, 60)
+            for p, s in got.items():
+                figs[p].burst_s = s
+            self.h.say(f"burst of {a.burst} updates written in {t0 - b0:.2f}s")
+
+            # idle: periodic syncs only
+            cpu0 = {p: _cpu(nodes[p].proxy.pid) for p in live}  # type: ignore[union-attr]
+            time.sleep(a.idle)
+            for p in live:
+                figs[p].cpu_idle = (_cpu(nodes[p].proxy.pid) - cpu0[p]) * 60 / a.idle  # type: ignore[union-attr]
+        finally:
+            for p, w in watches.items():
+                w.stop()
+                figs[p].peak_mb, figs[p].steady_mb = w.peak, w.last
+            for node in nodes.values():
+                self.h.remove_node(node)
+        return figs
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def rows(figs: dict[str, Figures]) -> list[tuple[str, float | None, float | None, str]]:
+    out: list[tuple[str, float | None, float | None, str]] = []
+
+    def add(label: str, get: Any, unit: str) -> None:
+        out.append((label, get(figs["kube-proxy"]), get(figs["agent"]), unit))
+    add("cold start", lambda f: f.cold_s, "s")
+    add("CPU to programmed", lambda f: f.cold_cpu_s, "s")
+    add("change -> kernel p50", lambda f: _ms(statistics.median(f.lat)) if f.lat else None, "ms")
+    add("change -> kernel p90", lambda f: _ms(_pct(f.lat, 0.9)), "ms")
+    add("change -> kernel p99", lambda f: _ms(_pct(f.lat, 0.99)), "ms")
+    add("change -> kernel max", lambda f: _ms(max(f.lat) if f.lat else None), "ms")
+    add("burst: last -> kernel", lambda f: _ms(f.burst_s), "ms")
+    add("CPU per minute, changes", lambda f: f.cpu_trickle, "s")
+    add("CPU per minute, idle", lambda f: f.cpu_idle, "s")
+    add("peak RSS (tree)", lambda f: f.peak_mb or None, "MB")
+    add("steady RSS (tree)", lambda f: f.steady_mb or None, "MB")
+    return out
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else s * 1000
+
+
+def table(mode: str, size: int, figs: dict[str, Figures], changes: int) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2f}"
+    lines = [f"| {mode}, {size} Services x 10 endpoints | kube-proxy | kube-proxy-agent | agent/kube-proxy |",
+             "|---|---|---|---|"]
+    for label, kp, ag, unit in rows(figs):
+        ratio = f"{ag / kp:.2f}" if kp and ag is not None else "-"
+        lines.append(f"| {label} ({unit}) | {fmt(kp)} | {fmt(ag)} | {ratio} |")
+    lost = {p: f.timeouts for p, f in figs.items() if f.timeouts}
+    lines.append(f"({changes} changes; latency samples kube-proxy {len(figs['kube-proxy'].lat)}, "
+                 f"agent {len(figs['agent'].lat)}" + (f"; not seen within 30 s: {lost}" if lost else "") + ")")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "?")
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem} GiB, Linux {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000", help="comma-separated Service counts, ascending")
+    ap.add_argument("--modes", default="iptables,nftables")
+    ap.add_argument("--changes", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=2.0, help="changes per second (steady)")
+    ap.add_argument("--burst", type=int, default=100)
+    ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
+    ap.add_argument("--sync-period", default="30s", help="both proxies' periodic sync")
+    ap.add_argument("--cold-timeout", type=float, default=900.0)
+    args = ap.parse_args(argv)
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    modes = [m for m in args.modes.split(",") if m]
+    out: list[str] = []
+    with Harness() as h:
+        h.sync_period = args.sync_period
+        kube_proxy = h.cp.bins / "kube-proxy" if h.cp else Path("kube-proxy")
+        version = os.popen(f"{kube_proxy} --version 2>/dev/null").read().strip()
+        bench = Bench(h, args)
+        for size in sizes:
+            for mode in modes:
+                figs = bench.run(mode, size)
+                out.append(table(mode, size, figs, args.changes))
+                print("\n" + out[-1] + "\n", flush=True)
+    print(f"\n{version or 'kube-proxy'} vs kube-proxy-agent; --min-sync-period 0, --sync-period {args.sync_period}; "
+          f"{args.changes} changes at {args.rate:g}/s, burst {args.burst}; machine: {machine()}\n")
+    print("\n\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
