@@ -35,14 +35,21 @@ def cgroup2_root() -> str:
     return found[0] if found else ""
 
 
+BPFFS = "/sys/fs/bpf"  # where bpffs belongs (systemd and Cilium mount it here)
+
+
 def ensure_bpffs(root: str) -> None:
-    """Mount bpffs at `root` unless `root` is on one already (it is not mounted at boot on every host)."""
-    if any(root == m or root.startswith(m.rstrip("/") + "/") for m in mounts("bpf")):
-        os.makedirs(root, exist_ok=True)
-        return
+    """Make `root` a directory on bpffs, mounting bpffs first if it is not (it is not mounted at
+    boot on every host): at /sys/fs/bpf when `root` is below it (sysfs holds only the empty mount
+    point there, so nothing can be created in it before the mount), else at `root` itself."""
+    def on_bpffs() -> bool:
+        return any(root == m or root.startswith(m.rstrip("/") + "/") for m in mounts("bpf"))
+    if not on_bpffs():
+        at = BPFFS if root == BPFFS or root.startswith(BPFFS + "/") else root
+        os.makedirs(at, exist_ok=True)
+        run(["mount", "-t", "bpf", "bpf", at], timeout=30)
+        log.info("mounted bpffs at %s", at)
     os.makedirs(root, exist_ok=True)
-    run(["mount", "-t", "bpf", "bpf", root], timeout=30)
-    log.info("mounted bpffs at %s", root)
 
 
 def headers_gap() -> str:
