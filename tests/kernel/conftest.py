@@ -28,6 +28,7 @@ from agent.backends.ebpf import host as ebpf_host
 from agent.backends.registry import make_backend
 from tests.modes import runnable, summary_lines
 from tests.netlab import HOOKED, CgroupSockets, Lab, http_get, metric_sum, probe, wait_for
+from tests.uml import in_uml
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = str(Path(sys.executable).parent / "kube-proxy-agent")
@@ -98,7 +99,10 @@ class Node:
                 "--cluster-cidr", CLUSTER_CIDRS, "--min-sync-period", "0s", "--sync-period", "20s",
                 *self.extra_args]
         self.proc = self.lab.spawn(self.node, argv, str(self.log))
-        assert wait_for(lambda: self.last_sync() > 0, 30), f"agent never synced; log:\n{self.log_tail()}"
+        # inside a UML guest every system call is slow, and more so on a busy host: the first sync
+        # (dummy interface, sysctls, ipsets, iptables-legacy) took 16-40 s there
+        first = 120 if in_uml() else 30
+        assert wait_for(lambda: self.last_sync() > 0, first), f"agent never synced; log:\n{self.log_tail()}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
