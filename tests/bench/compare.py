@@ -159,19 +159,24 @@ class Figures:
 
 
 class Bench:
-    def __init__(self, h: Harness, args: argparse.Namespace) -> None:
+    def __init__(self, h: Harness, args: argparse.Namespace, first_index: int = 20) -> None:
         self.h = h
         self.args = args
         self.created = 0
-        self.index = 10
+        self.index = first_index
         h.namespace(NS)
-        self.podhost = h.add_node("bench-pods", 2, start_proxy=False)
+        self.podhost = h.add_node("bench-pods", first_index, start_proxy=False)
         self.pods: list[Pod] = [h.create_pod(NS, f"probe-{x}", self.podhost) for x in "ab"]
         self.h.api.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "probe", "namespace": NS},
                            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
         self.probe_ip = str(self.h.api.get(f"{SERVICES}/probe")["spec"]["clusterIP"])
         self.h.api.create(_slice("probe-1", "probe", [self.pods[0].ip], self.podhost.name))
         self.current = 0  # which pod the probe slice names
+
+    def close(self) -> None:
+        """Remove what this benchmark made (its pods' node, its namespace's objects)."""
+        self.h.remove_node(self.podhost)
+        self.h.cleanup_namespace(NS)
 
     def grow(self, size: int) -> None:
         """Services s0..s{size-1} and their slices (those already there are kept)."""
@@ -339,7 +344,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), {mem} GiB, Linux {platform.release()}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000", help="comma-separated Service counts, ascending")
     ap.add_argument("--modes", default="iptables,nftables")
@@ -349,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     ap.add_argument("--sync-period", default="30s", help="both proxies' periodic sync")
     ap.add_argument("--cold-timeout", type=float, default=900.0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     modes = [m for m in args.modes.split(",") if m]
     out: list[str] = []
