@@ -167,8 +167,9 @@ class Socket:
     BATCH_REQUESTS = 256
     RCVBUF = 4 << 20
 
-    def __init__(self, protocol: int) -> None:
+    def __init__(self, protocol: int, timeout: float | None = None) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        self._sock.settimeout(timeout)  # None: block (a reply always comes; `timeout` bounds it)
         try:  # root may exceed net.core.rmem_max; others get what it allows
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.RCVBUF)
         except OSError:

@@ -293,6 +293,11 @@ class IptablesRenderer:
         self._unwritten.clear()
         self.in_sync = False
 
+    @property
+    def settled(self) -> bool:
+        """In sync, and every service port has been seen by a check since it was last written."""
+        return self.in_sync and not self._unchecked and not self._unwritten
+
     def refused(self, ports: Iterable[ServicePortName]) -> None:
         """A restore of a sync was refused after the earlier ones of that sync went in. When the
         kernel held what was written before this sync, only `ports` (those of the refused restore

@@ -12,7 +12,7 @@ from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.iptables import chains as C
 from agent.backends.iptables.metrics import IptablesMetrics
 from agent.backends.iptables.render import IptablesRenderer, RenderResult
-from agent.kernel import conntrack
+from agent.kernel import conntrack, nfgen
 from agent.kernel.commands import CommandError, have, run
 from agent.kernel.xtables import (
     RestoreFailed,
@@ -42,6 +42,7 @@ class IptablesBackend:
         self._renderers = {f: IptablesRenderer() for f in families}
         self.metrics = IptablesMetrics(registry)
         self.conntrack = conntrack.Cleaner()
+        self.untouched = nfgen.Untouched()  # the nft variant writes through nf_tables
 
     @property
     def tools(self) -> Tools:
@@ -80,6 +81,14 @@ class IptablesBackend:
 
     def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
         result = SyncResult()
+        # A periodic check while nobody has committed to nf_tables since our last restore (the nft
+        # variant's ruleset generation is unchanged) has no drift to find: no iptables-save, only
+        # the pending changes. Legacy iptables has no such counter: it always checks. A port written
+        # since the last check still needs that check (it records the chain's digest as written).
+        if full and self.tools.variant != "legacy" and all(r.settled for r in self._renderers.values()) \
+                and self.untouched.holds():
+            full = False
+            result.detail = "unchanged"
         for fam in self.families:
             state = desired[fam]
             renderer = self._renderers[fam]
@@ -96,9 +105,11 @@ class IptablesBackend:
                 drifted = renderer.drift(saved.rules, saved.digests)
                 saved.digests.clear()  # not needed past the check: free it before rendering
                 if drifted is None:
+                    result.detail = "complete"
                     out = renderer.render(state, (), full=True, existing_chains=saved.chains,
                                           batch_chains=batch)
                 else:
+                    result.detail = f"checked(repaired={len(drifted)})"
                     todo = drifted | set(changed)
                     if drifted:
                         log.warning("rules drifted from what was written; repairing family=IPv%d "
@@ -117,6 +128,8 @@ class IptablesBackend:
             if full:
                 renderer.in_sync = True
             _count(result, fam, out)
+        if self.tools.variant != "legacy":
+            self.untouched.wrote()
         self.metrics.written(result.written, result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
@@ -130,6 +143,7 @@ class IptablesBackend:
             # Earlier restores of this sync went in. When the kernel held what was written before,
             # the next sync rewrites only this restore's service ports and later ones (and checks
             # the rest against iptables-save), not everything; otherwise it starts over.
+            self.untouched.forget()
             log.warning("restore refused; the next sync rewrites what it held family=IPv%d "
                         "service_ports=%d complete_rewrite=%s", fam, len(unwritten), not renderer.in_sync)
             renderer.refused(unwritten)

@@ -20,7 +20,7 @@ from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.nftables import names as N
 from agent.backends.nftables.metrics import NftablesMetrics
 from agent.backends.nftables.render import Existing, NftRenderer, RenderResult
-from agent.kernel import conntrack, heap
+from agent.kernel import conntrack, heap, nfgen
 from agent.kernel.commands import CommandError, have, run
 from agent.model.desired import Changes, DesiredState
 
@@ -170,6 +170,7 @@ class NftablesBackend:
         self._renderers = {f: NftRenderer(f) for f in families}
         self.metrics = NftablesMetrics(registry)
         self.conntrack = conntrack.Cleaner()
+        self.untouched = nfgen.Untouched()
 
     @property
     def nft(self) -> Nft | None:
@@ -232,6 +233,10 @@ class NftablesBackend:
         nft = self._require()
         result = SyncResult()
         unknown = [f for f in self.families if not self._renderers[f].known]
+        # A periodic sync while nobody has committed to nf_tables since our last write (the
+        # ruleset generation is unchanged) has nothing to check: it writes the pending changes only.
+        quiet = full and not unknown and self.untouched.holds()
+        full = full and not quiet
         # A full sync lists our chains and sets (names only): after a restart or failure to delete
         # leftovers; periodically to find what is missing (see NftRenderer._periodic).
         existing = self._existing(nft) if unknown or full else {}
@@ -253,6 +258,7 @@ class NftablesBackend:
             if len(text) > self.TRIM_AFTER:
                 heap.trim()  # libnftables freed what parsing a big transaction took: give it back
             if rc != 0:
+                self.untouched.forget()
                 for fam in self.families:
                     self._renderers[fam].reset(full=outs[fam].full)
                 what, line = offending(text, err)
@@ -268,8 +274,9 @@ class NftablesBackend:
                 result.written[key + suffix] = n
             for key, n in out.totals.items():
                 result.totals[key + suffix] = n
-        kinds = {fam: "full" if out.full else f"check(reasserted={out.reasserted})" if full else "partial"
-                 for fam, out in outs.items()}
+            self.untouched.wrote()
+        kinds = {fam: "full" if out.full else f"check(reasserted={out.reasserted})" if full
+                 else "unchanged" if quiet else "partial" for fam, out in outs.items()}
         result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
         self.metrics.written(result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in

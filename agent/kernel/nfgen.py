@@ -1,0 +1,58 @@
+"""The nf_tables ruleset generation of this network namespace, over netlink (NFT_MSG_GETGEN).
+
+The kernel bumps it with every committed nf_tables transaction, whoever commits it: nft,
+libnftables, iptables-nft, firewalld. A mode that reads it right after its own write and finds it
+unchanged at its next periodic check knows nobody has touched nf_tables since, so there is no
+drift to look for and the check can skip reading the ruleset back."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+
+from agent.kernel.netlink import Socket, parse_attrs
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, unused here)
+
+
+def generation() -> int | None:
+    """The current generation, or None when it cannot be read (no nf_tables, no permission)."""
+    with contextlib.suppress(OSError, ValueError, struct.error), Socket(NETLINK_NETFILTER, timeout=2.0) as sock:
+        reply = sock.get((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                         _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0), "nf_tables generation")
+        attrs = parse_attrs(reply, _NFGENMSG.size)
+        if NFTA_GEN_ID in attrs:
+            return int(struct.unpack_from("!I", attrs[NFTA_GEN_ID])[0])
+    return None
+
+
+class Untouched:
+    """Tells a periodic check whether nf_tables is as the mode's last write left it.
+
+    `wrote()` after every successful write (and never after a failed one: `forget()`); `holds()`
+    at a periodic check: True when the generation is the one read after that write, so the check
+    may skip reading the ruleset back. Every `verify_every`-th check verifies anyway, which bounds
+    the one blind spot: a foreign commit between our write and the read that follows it."""
+
+    def __init__(self, verify_every: int = 10) -> None:
+        self.verify_every = verify_every
+        self._gen: int | None = None
+        self._skipped = 0
+
+    def wrote(self) -> None:
+        self._gen = generation()
+
+    def forget(self) -> None:
+        self._gen = None
+
+    def holds(self) -> bool:
+        if self._gen is None or self._skipped + 1 >= self.verify_every or generation() != self._gen:
+            self._skipped = 0
+            return False
+        self._skipped += 1
+        return True
