@@ -112,8 +112,9 @@ class Node:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text().splitlines()[-n:])
 
-    def http(self, port: int, path: str, ip: str = "127.0.0.1", ns: str | None = None) -> tuple[int, str]:
-        return http_get(ns or self.node, ip, port, path)
+    def http(self, port: int, path: str, ip: str = "127.0.0.1", ns: str | None = None,
+             timeout: float = 3) -> tuple[int, str]:
+        return http_get(ns or self.node, ip, port, path, timeout)
 
     def metrics(self) -> str:
         return self.http(10249, "/metrics")[1]

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 
-from tests.kernel.conftest import AGENT, Node, endpoint, fresh_node, service, slice_
+from tests.kernel.conftest import AGENT, NODE_EXT, Node, endpoint, fresh_node, service, slice_
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
 from tests.netlab import wait_for, who
 from tests.uml import in_uml
@@ -348,3 +348,30 @@ def test_periodic_check_reads_nothing_back_while_nf_tables_is_untouched(mode: st
         assert wait_for(lambda: syncs_since(mark, real) >= 1, 10), n.log_tail()
         assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
         n.lab.exec(n.node, "nft", "delete table ip someone-else")
+
+
+def test_health_check_node_port_answers_through_a_host_firewall(mode: str) -> None:
+    """Issue 14 item 3: a node whose INPUT policy drops unknown ports (established traffic allowed,
+    as host firewalls do) still answers the load balancer's health checks, as with kube-proxy,
+    which accepts every healthCheckNodePort in the filter table."""
+    if mode != "iptables":
+        return  # the iptables mode's filter rules; the other modes: issue 14
+    with fresh_node(mode) as n:
+        ips = n.cluster_ip()
+        n.lab.exec(n.node, "iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+                   "-j", "ACCEPT")
+        n.lab.exec(n.node, "iptables", "-P", "INPUT", "DROP")
+        ports = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30091, "protocol": "TCP"}]
+        n.apply("hc", [service("hc", ips[0], ports, type="LoadBalancer", externalTrafficPolicy="Local",
+                               healthCheckNodePort=32091),
+                       slice_("hc-1", "hc", [endpoint("pod-a")], EP_HTTP)])
+        code, body = n.http(32091, "/", ip=NODE_EXT, ns=n.client)
+        assert code == 200 and '"localEndpoints": 1' in body
+        # the same firewall without our rule: the health check times out
+        n.lab.exec(n.node, "iptables", "-F", "KPA-HEALTH-CHECKS")
+        try:
+            n.http(32091, "/", ip=NODE_EXT, ns=n.client, timeout=1)
+            reached = True
+        except OSError:
+            reached = False
+        assert not reached, "the firewall let the health check through without our rule: the test proves nothing"

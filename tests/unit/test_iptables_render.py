@@ -122,6 +122,7 @@ def test_cluster_ip_with_two_endpoints() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -168,6 +169,7 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -211,6 +213,7 @@ def test_service_without_endpoints_is_rejected() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http has no endpoints" -j REJECT
@@ -249,6 +252,7 @@ def test_external_traffic_policy_local_with_local_and_remote_endpoints() -> None
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -306,6 +310,7 @@ def test_external_traffic_policy_local_with_only_remote_endpoints() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPA-EXTERNAL-SERVICES -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http has no local endpoints" -j DROP
@@ -354,6 +359,7 @@ def test_internal_traffic_policy_local() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -413,6 +419,7 @@ def test_session_affinity_client_ip() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -464,6 +471,7 @@ def test_load_balancer_with_source_ranges() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -518,6 +526,7 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -569,6 +578,7 @@ def test_masquerade_all_with_an_external_ip() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -617,6 +627,7 @@ def test_two_cluster_cidrs() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
@@ -675,6 +686,7 @@ def test_nodeport_addresses_and_a_node_port_without_endpoints() -> None:
         :KPA-FORWARD - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http has no endpoints" -j REJECT
@@ -873,6 +885,7 @@ def test_reset_forces_the_dispatch_chains_to_be_rewritten() -> None:
         *filter
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         COMMIT
         *nat
         :KPA-SERVICES - [0:0]
@@ -1055,3 +1068,20 @@ def test_a_refused_restore_before_anything_was_in_sync_means_a_complete_rewrite(
     node = two_services()  # never marked in sync: the kernel's state is unknown
     node.renderer.refused({WEB})
     assert node.renderer.drift({}) is None
+
+
+def test_health_check_node_port_is_accepted_in_the_filter_table() -> None:
+    """Issue 14 item 3, as kube-proxy does: a LoadBalancer Service with externalTrafficPolicy Local
+    has a healthCheckNodePort; a filter chain jumped to from INPUT accepts new connections to it, so
+    a host firewall that drops unknown ports still lets the load balancer's health checks in."""
+    text = full_text(
+        service("web", "10.96.0.10", HTTP_NP, type="LoadBalancer", externalTrafficPolicy="Local",
+                healthCheckNodePort=32100, status={"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}),
+        endpoint_slice("web-1", "web", [endpoint("10.244.1.5", node=NODE)]),
+    )
+    filter_part = text.split("*nat")[0]
+    assert ('-A KPA-HEALTH-CHECKS -m comment --comment "ns/web:http health check node port" '
+            "-p tcp -m tcp --dport 32100 -j ACCEPT") in filter_part
+    assert ("filter", "INPUT", "KPA-HEALTH-CHECKS", "") in C.HOOKS
+    plain = full_text(service("db", "10.96.0.20", HTTP), endpoint_slice("db-1", "db", [endpoint("10.244.1.6")]))
+    assert "-A KPA-HEALTH-CHECKS" not in plain

@@ -14,6 +14,7 @@ MARK_MASQ = "KPA-MARK-MASQ"
 MASQ_NOT_PODS = "KPA-MASQ-NOT-PODS"  # mark for masquerade unless the source is in a cluster CIDR
 FORWARD = "KPA-FORWARD"
 FIREWALL = "KPA-FIREWALL"
+HEALTH_CHECKS = "KPA-HEALTH-CHECKS"  # filter: accepts health check node ports (a host firewall may drop the rest)
 MASQ_MARK = "0x4000"
 
 TABLES = ("filter", "nat", "mangle")
@@ -24,6 +25,7 @@ HOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("nat", "OUTPUT", SERVICES, ""),
     ("nat", "POSTROUTING", POSTROUTING, ""),
     ("filter", "INPUT", EXTERNAL_SERVICES, "-m conntrack --ctstate NEW"),
+    ("filter", "INPUT", HEALTH_CHECKS, ""),
     ("filter", "FORWARD", EXTERNAL_SERVICES, "-m conntrack --ctstate NEW"),
     ("filter", "FORWARD", SERVICES, "-m conntrack --ctstate NEW"),
     ("filter", "OUTPUT", SERVICES, "-m conntrack --ctstate NEW"),
@@ -35,7 +37,7 @@ HOOKS: tuple[tuple[str, str, str, str], ...] = (
 # Chains that exist whenever the mode runs, per table.
 BASE_CHAINS: dict[str, tuple[str, ...]] = {
     "nat": (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, MASQ_NOT_PODS),
-    "filter": (SERVICES, EXTERNAL_SERVICES, FORWARD),
+    "filter": (SERVICES, EXTERNAL_SERVICES, FORWARD, HEALTH_CHECKS),
     "mangle": (FIREWALL,),
 }
 

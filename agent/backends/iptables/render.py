@@ -25,6 +25,7 @@ DISPATCH: tuple[tuple[str, str], ...] = (
     ("nat", C.NODEPORTS),
     ("filter", C.SERVICES),
     ("filter", C.EXTERNAL_SERVICES),
+    ("filter", C.HEALTH_CHECKS),
     ("mangle", C.FIREWALL),
 )
 
@@ -204,6 +205,13 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
             mangle.append((fw_chain, tuple(fw)))
             for ip in info.load_balancer_ips:
                 d[("mangle", C.FIREWALL)].append(f"-A {C.FIREWALL} -d {_host(ip, fam)} {match} -j {fw_chain}")
+
+    if info.health_check_node_port:
+        # Like kube-proxy: load balancers' health checks get through a host firewall that drops
+        # unknown ports (INPUT policy DROP, or a later rule).
+        d[("filter", C.HEALTH_CHECKS)].append(
+            f"-A {C.HEALTH_CHECKS} {_comment(f'{spn} health check node port')} "
+            f"{_match('tcp', info.health_check_node_port)} -j ACCEPT")
 
     chains_by_table: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
     if nat:
