@@ -877,7 +877,7 @@ def test_full_sync_after_a_partial_one_writes_everything() -> None:
 
 def test_reset_forces_the_dispatch_chains_to_be_rewritten() -> None:
     """After a failed restore the writer calls reset(): the renderer no longer trusts what it believes
-    the shared chains hold, so even a partial sync with no change rewrites all five of them."""
+    the shared chains hold, so even a partial sync with no change rewrites all six of them."""
     node = two_services()
     node.renderer.reset()
     assert not node.renderer.in_sync
