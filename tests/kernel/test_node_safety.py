@@ -351,13 +351,14 @@ def test_periodic_check_reads_nothing_back_while_nf_tables_is_untouched(mode: st
 
 
 def test_health_check_node_port_answers_through_a_host_firewall(mode: str) -> None:
-    """Issue 14 item 3: a node whose INPUT policy drops unknown ports (established traffic allowed,
-    as host firewalls do) still answers the load balancer's health checks, as with kube-proxy,
+    """Issue 14 item 3: a node whose INPUT policy drops unknown ports (loopback and established
+    traffic allowed, as host firewalls do) still answers the load balancer's health checks, as with kube-proxy,
     which accepts every healthCheckNodePort in the filter table."""
     if mode != "iptables":
         return  # the iptables mode's filter rules; the other modes: issue 14
     with fresh_node(mode) as n:
         ips = n.cluster_ip()
+        n.lab.exec(n.node, "iptables", "-A", "INPUT", "-i", "lo", "-j", "ACCEPT")
         n.lab.exec(n.node, "iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
                    "-j", "ACCEPT")
         n.lab.exec(n.node, "iptables", "-P", "INPUT", "DROP")
