@@ -249,7 +249,11 @@ def run_daemon(cfg: AgentConfig) -> int:
             backend.close(5)
             return 0
     runner.start()
-    stop.wait()
+    # Poll, never block: Python runs signal handlers in the main thread only, and a SIGTERM the
+    # kernel delivers to another thread does not interrupt a main thread blocked on a lock, so a
+    # plain stop.wait() could miss it until the next (never coming) wakeup: SIGTERM ignored.
+    while not stop.wait(0.5):
+        pass
     log.info("stopping; programmed rules stay in place (use --cleanup to remove them)")
     source.stop()
     runner.stop()

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +80,22 @@ def _mode_supported(mode: str) -> str:
     return ""
 
 
+def _threads(pid: int) -> str:
+    """Each thread's state and kernel wait channel (what a stuck process is waiting for)."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            task = Path(f"/proc/{pid}/task/{tid}")
+            comm = (task / "comm").read_text().strip()
+            wchan = (task / "wchan").read_text().strip()
+            state = next(ln for ln in (task / "status").read_text().splitlines() if ln.startswith("State:")).split()[1]
+        except (OSError, StopIteration):
+            continue
+        out.append(f"  {tid} {comm} {state} {wchan}")
+    kids = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid,stat,etime,args"], capture_output=True, text=True)
+    return "\n".join(out) + "\nchildren:\n" + kids.stdout
+
+
 @dataclass
 class Node:
     """The running agent and its world. Tests call apply()/remove() and probe from client or pods."""
@@ -107,7 +124,14 @@ class Node:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                where = _threads(self.proc.pid)
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"the agent did not exit within 30 s of SIGTERM; its threads:\n{where}\n"
+                                     f"log:\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text().splitlines()[-n:])
