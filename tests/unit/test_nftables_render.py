@@ -709,3 +709,18 @@ def test_periodic_check_rewrites_the_table_when_a_fixed_part_is_gone() -> None:
     assert out.full and out.missing == (N.SERVICE_IPS,) and f"flush table {T4}" in out.text
     out = r.render(st, (), full=True, existing=Existing())  # the table deleted
     assert out.full and N.SERVICES in out.missing
+
+
+def test_generation_is_recorded_after_a_write_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic check may skip reading back only while nf_tables is as our last write left it.
+    A sync that writes nothing must not take a foreign commit made since for its own."""
+    import agent.kernel.nfgen as nfgen
+
+    gen = [1]
+    monkeypatch.setattr(nfgen, "generation", lambda: gen[0])
+    web = ServicePlan(info("web"), (A,), has_any=True)
+    backend = NftablesBackend(FakeNft(), families=(4,))
+    backend.sync({4: state(NODE4, web)}, {}, full=True)
+    gen[0] = 2  # someone else commits
+    backend.sync({4: state(NODE4, web)}, {}, full=False)  # nothing to write
+    assert not backend.untouched.holds()

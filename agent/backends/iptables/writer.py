@@ -128,8 +128,6 @@ class IptablesBackend:
             if full:
                 renderer.in_sync = True
             _count(result, fam, out)
-        if self.tools.variant != "legacy":
-            self.untouched.wrote()
         self.metrics.written(result.written, result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
@@ -139,6 +137,8 @@ class IptablesBackend:
                  unwritten: frozenset[ServicePortName]) -> None:
         try:
             restore(self.tools, fam, text)
+            if self.tools.variant != "legacy":
+                self.untouched.wrote()  # after each write, and only then: a foreign commit since stays visible
         except RestoreFailed as exc:
             # Earlier restores of this sync went in. When the kernel held what was written before,
             # the next sync rewrites only this restore's service ports and later ones (and checks

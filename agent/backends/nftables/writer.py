@@ -268,13 +268,13 @@ class NftablesBackend:
                     + (f"; offending statement: {line}" if line else ""),
                     partial=not full,
                 )
+            self.untouched.wrote()  # after our write, and only then: a foreign commit since stays visible
         for fam, out in outs.items():
             suffix = "" if fam == 4 else "6"
             for key, n in out.written.items():
                 result.written[key + suffix] = n
             for key, n in out.totals.items():
                 result.totals[key + suffix] = n
-            self.untouched.wrote()
         kinds = {fam: "full" if out.full else f"check(reasserted={out.reasserted})" if full
                  else "unchanged" if quiet else "partial" for fam, out in outs.items()}
         result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
