@@ -339,6 +339,29 @@ def _chain_lines(t: str, name: str, rules: tuple[str, ...]) -> list[str]:
     return [f"add rule {t} {name} {r}" for r in rules]
 
 
+def _chain_block(t: str, name: str, rules: tuple[str, ...], decl: str = "", flush: bool = False) -> list[str]:
+    """Declare a chain (`flush`: and empty it, when it may hold rules already), then its rules."""
+    head = [f"add chain {t} {name}{decl}"] + ([f"flush chain {t} {name}"] if flush else [])
+    return head + _chain_lines(t, name, rules)
+
+
+def _maps_and_node_sets(family: int, t: str, node: NodeContext, flush_maps: bool, flush_sets: bool) -> list[str]:
+    """The table's maps declared (emptied when `flush_maps`) and this node's sets refilled."""
+    lines = []
+    for mapname, key, is_map in N.MAPS:
+        kind, data = ("map", " : verdict") if is_map else ("set", "")
+        lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(family, key)}{data} ; }}")
+        if flush_maps:
+            lines.append(f"flush {kind} {t} {mapname}")
+    for name, flags, members in node_sets(node):
+        lines.append(f"add set {t} {name} {{ type {_addr_type(family)} ;{flags} }}")
+        if flush_sets:
+            lines.append(f"flush set {t} {name}")
+        if members:
+            lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
+    return lines
+
+
 class NftRenderer:
     """Renders one family's table and remembers what it last rendered, to diff partial syncs.
 
@@ -436,23 +459,20 @@ class NftRenderer:
         t = self.table
         lines = [out.text.rstrip("\n")] if out.text else []
         lines.append(f"add table {t}")
-        for mapname, key, is_map in N.MAPS:
-            kind, data = ("map", " : verdict") if is_map else ("set", "")
-            lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(self.family, key)}{data} ; }}")
-        for name, flags, members in node_sets(node):
-            lines.append(f"add set {t} {name} {{ type {_addr_type(self.family)} ;{flags} }}")
-            lines.append(f"flush set {t} {name}")
-            if members:
-                lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
+        lines += _maps_and_node_sets(self.family, t, node, flush_maps=False, flush_sets=True)
         n_rules = 0
         for name, decl, rules in base_chains(node):
-            lines += [f"add chain {t} {name}{decl}", f"flush chain {t} {name}"]
-            lines += _chain_lines(t, name, rules)
+            lines += _chain_block(t, name, rules, decl, flush=True)
             n_rules += len(rules)
 
         have = existing.sets | existing.maps
-        broken = [spn for spn, s in self._memo.items()
-                  if any(c not in existing.chains for c, _ in s.chains) or any(n not in have for n, _ in s.sets)]
+        broken: list[ServicePortName] = []
+        missing: set[str] = set()
+        for spn, memo in self._memo.items():
+            gone = [c for c, _ in memo.chains if c not in existing.chains] + [n for n, _ in memo.sets if n not in have]
+            if gone:
+                broken.append(spn)
+                missing.update(gone)
         if not self._sweep:
             self._sweep = sorted(self._memo, reverse=True)  # popped from the end: sorted order
         take = max(self.SWEEP_MIN, -(-len(self._memo) // self.SWEEP_CHECKS))
@@ -467,8 +487,7 @@ class NftRenderer:
                 continue
             lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
             for name, rules in s.chains:
-                lines += [f"add chain {t} {name}", f"flush chain {t} {name}"]
-                lines += _chain_lines(t, name, rules)
+                lines += _chain_block(t, name, rules, flush=True)
                 n_rules += len(rules)
                 chains += 1
             for mapname, key, _, _ in s.elements:
@@ -476,15 +495,13 @@ class NftRenderer:
                 owners = self._owners.get((mapname, key), {})
                 if value is not None and owners and min(owners) == spn:
                     adds[mapname].append(_add_item(key, value))
-        for mapname, _, _ in N.MAPS:
-            lines += _element_block("add", t, mapname, adds[mapname])
-        for mapname, n in ((m, len(a)) for m, a in adds.items()):
-            out.written[mapname] = out.written.get(mapname, 0) + n
+        for mapname, items in adds.items():
+            lines += _element_block("add", t, mapname, items)
+            out.written[mapname] = out.written.get(mapname, 0) + len(items)
         out.written["chains"] = out.written.get("chains", 0) + BASE_CHAIN_COUNT + chains
         out.written["rules"] = out.written.get("rules", 0) + n_rules
         out.text = "\n".join(lines) + "\n"
-        out.missing = tuple(sorted({c for spn in broken for c, _ in self._memo[spn].chains if c not in existing.chains}
-                                   | {n for spn in broken for n, _ in self._memo[spn].sets if n not in have}))
+        out.missing = tuple(sorted(missing))
         out.reasserted = len(todo)
         return out
 
@@ -528,18 +545,7 @@ class NftRenderer:
             lines += [f"delete table {t}", f"add table {t}"]
         else:
             lines.append(f"flush table {t}")
-        addr_t = _addr_type(self.family)
-        for mapname, key, is_map in N.MAPS:
-            kind, data = ("map", " : verdict") if is_map else ("set", "")
-            lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(self.family, key)}{data} ; }}")
-            if not self.recreate:
-                lines.append(f"flush {kind} {t} {mapname}")
-        for name, flags, members in node_sets(node):
-            lines.append(f"add set {t} {name} {{ type {addr_t} ;{flags} }}")
-            if not self.recreate:
-                lines.append(f"flush set {t} {name}")
-            if members:
-                lines.append(f"add element {t} {name} {{ {', '.join(members)} }}")
+        lines += _maps_and_node_sets(self.family, t, node, flush_maps=not self.recreate, flush_sets=not self.recreate)
         # Nothing references leftovers any more: the flushes above removed every rule and element
         # (leftover maps go first: their elements may point at leftover chains).
         lines += [f"delete map {t} {m}" for m in sorted(stale_maps)]
@@ -549,8 +555,7 @@ class NftRenderer:
         written: dict[str, int] = {}
         n_rules = 0
         for name, decl, rules in base_chains(node):
-            lines.append(f"add chain {t} {name}{decl}")
-            lines += _chain_lines(t, name, rules)
+            lines += _chain_block(t, name, rules, decl)
             n_rules += len(rules)
 
         self._owners = {}
@@ -559,8 +564,7 @@ class NftRenderer:
         for spn, s in memo.items():
             lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
             for name, rules in s.chains:
-                lines.append(f"add chain {t} {name}")
-                lines += _chain_lines(t, name, rules)
+                lines += _chain_block(t, name, rules)
             self._chains += len(s.chains)
             self._rules += s.rule_count
             for mapname, key, verdict, comment in s.elements:
