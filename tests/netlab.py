@@ -394,6 +394,17 @@ class Lab:
         self.namespaces.clear()
 
 
+def recv_line(sock: socket.socket) -> bytes:
+    """Bytes up to and including the first newline (or all there were, if the peer closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def wait_for(predicate: object, timeout: float = 15.0, interval: float = 0.1) -> bool:
     assert callable(predicate)
     end = time.monotonic() + timeout

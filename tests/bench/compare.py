@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures
 import os
 import platform
+import random
 import statistics
 import sys
 import threading
@@ -246,7 +247,7 @@ class Bench:
             time.sleep(2)  # let any sync still running after the first answer finish
 
             # a trickle of changes
-            cpu0 = {p: _cpu(nodes[p].proxy.pid) for p in live}  # type: ignore[union-attr]
+            cpu0 = {p: _cpu(watches[p].pid) for p in live}
             w0 = time.monotonic()
             for k in range(a.changes):
                 due = w0 + k / a.rate
@@ -260,10 +261,10 @@ class Bench:
                         figs[p].lat.append(s)
             minutes = (time.monotonic() - w0) / 60
             for p in live:
-                figs[p].cpu_trickle = (_cpu(nodes[p].proxy.pid) - cpu0[p]) / minutes  # type: ignore[union-attr]
+                figs[p].cpu_trickle = (_cpu(watches[p].pid) - cpu0[p]) / minutes
 
             # a burst: other Services' slices, the probe's last
-            rng = __import__("random").Random(size)
+            rng = random.Random(size)
             b0 = time.monotonic()
             for j in range(a.burst - 1):
                 i = rng.randrange(size)
@@ -277,10 +278,10 @@ class Bench:
             self.h.say(f"burst of {a.burst} updates written in {t0 - b0:.2f}s")
 
             # idle: periodic syncs only
-            cpu0 = {p: _cpu(nodes[p].proxy.pid) for p in live}  # type: ignore[union-attr]
+            cpu0 = {p: _cpu(watches[p].pid) for p in live}
             time.sleep(a.idle)
             for p in live:
-                figs[p].cpu_idle = (_cpu(nodes[p].proxy.pid) - cpu0[p]) * 60 / a.idle  # type: ignore[union-attr]
+                figs[p].cpu_idle = (_cpu(watches[p].pid) - cpu0[p]) * 60 / a.idle
         finally:
             for p, w in watches.items():
                 w.stop()

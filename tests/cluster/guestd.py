@@ -27,14 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.netlab import EchoServer, Lab, probe
-
-
-def sh(*argv: str, check: bool = True) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc.stdout
+from tests.netlab import EchoServer, Lab, probe, recv_line, sh
 
 
 class Node:
@@ -145,12 +138,9 @@ class Node:
 
     def _one(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = recv_line(conn)
+            if not data.endswith(b"\n"):
+                return  # the caller went away mid-request
             try:
                 out = self.handle(json.loads(data))
             except Exception as exc:  # reported to the caller

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster.harness import CLUSTER_CIDR, LAN_NET, SERVICE_CIDR, Harness, Pod, SimNode, sh, wait_until
+from tests.netlab import recv_line
 from tests.uml import Guest
 
 RPC_PORT = 7777
@@ -40,12 +41,7 @@ class UmlNode:
         with socket.create_connection((self.sim.host_ip, RPC_PORT), timeout=wait) as s:
             s.settimeout(wait)
             s.sendall(json.dumps({"op": op, **kw}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = recv_line(s)
         out: dict[str, Any] = json.loads(data)
         if "error" in out:
             raise RuntimeError(f"{self.name}: {op} failed in the guest: {out['error']}")

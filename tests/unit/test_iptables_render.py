@@ -725,17 +725,23 @@ EVERY_FEATURE = (
 )
 
 
-def test_chain_names_start_with_kpa_and_fit_iptables() -> None:
-    """Every chain the mode declares or jumps to is ours (KPA-, never KUBE-) and fits iptables'
-    28-character chain name limit, whatever the Service and port names."""
-    text = full_text(*EVERY_FEATURE)
-    declared: dict[str, list[str]] = {}
+def _chains_in(text: str) -> dict[str, list[str]]:
+    """table -> the chains a restore input declares (`:NAME`), in order, repeats kept."""
+    out: dict[str, list[str]] = {}
     table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:]
         elif line.startswith(":"):
-            declared.setdefault(table, []).append(line[1:].split()[0])
+            out.setdefault(table, []).append(line[1:].split()[0])
+    return out
+
+
+def test_chain_names_start_with_kpa_and_fit_iptables() -> None:
+    """Every chain the mode declares or jumps to is ours (KPA-, never KUBE-) and fits iptables'
+    28-character chain name limit, whatever the Service and port names."""
+    text = full_text(*EVERY_FEATURE)
+    declared = _chains_in(text)
     targets = {t for t in re.findall(r"-j (\S+)", text) if t.isupper() and "-" in t}
     names = {n for chains in declared.values() for n in chains} | targets
     assert {n.split("-")[1] for n in names} >= {"SVC", "SVL", "EXT", "SEP", "FW"}  # every kind of chain
@@ -1006,17 +1012,6 @@ def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written()
     assert node.renderer.drift(counts, digests) == {WEB}
 
 
-def _chains_in(text: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith(":"):
-            out.setdefault(table, set()).add(line[1:].split()[0])
-    return out
-
-
 def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
     """Issue 15: a periodic full sync (told the kernel's chains by iptables-save) in which a port's
     endpoints also changed listed the replaced endpoint chain twice: once as the port's own
@@ -1025,7 +1020,7 @@ def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
     deleted once, in one of the restores, batched or not."""
     for batch in (0, 1):
         node = two_services()
-        existing = _chains_in(node.sync(full=True).text)
+        existing = {t: set(chains) for t, chains in _chains_in(node.sync(full=True).text).items()}
         node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.9.9")]))
         update = node.model.drain()
         out = node.renderer.render(node.desired, update.changed[node.family], full=False,
