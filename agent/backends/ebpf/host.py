@@ -42,9 +42,7 @@ def ensure_bpffs(root: str) -> None:
     """Make `root` a directory on bpffs, mounting bpffs first if it is not (it is not mounted at
     boot on every host): at /sys/fs/bpf when `root` is below it (sysfs holds only the empty mount
     point there, so nothing can be created in it before the mount), else at `root` itself."""
-    def on_bpffs() -> bool:
-        return any(root == m or root.startswith(m.rstrip("/") + "/") for m in mounts("bpf"))
-    if not on_bpffs():
+    if not any(root == m or root.startswith(m.rstrip("/") + "/") for m in mounts("bpf")):
         at = BPFFS if root == BPFFS or root.startswith(BPFFS + "/") else root
         os.makedirs(at, exist_ok=True)
         run(["mount", "-t", "bpf", "bpf", at], timeout=30)

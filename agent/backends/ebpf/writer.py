@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from agent.model.desired import Changes, DesiredState
 from agent.model.frontends import FrontendKey
 
 log = logging.getLogger("agent.ebpf")
+ENOTSUPP = 524  # the kernel's "operation not supported" for a map type without batch ops (not in errno)
 SOURCE = Path(__file__).with_name("lb.c")
 PREFIX = "KPAB-"  # the mode's xtables chains (masquerade for tc-NATed traffic)
 MASQ_MARK = "0x4000"
@@ -190,8 +192,6 @@ class EbpfBackend:
         """Every entry of a map, `chunk` entries per BPF_MAP_LOOKUP_BATCH call (a few system calls
         for the whole map, in bounded memory); one key at a time where the map has no batch lookup
         (LPM tries)."""
-        import errno
-
         from bcc import libbcc
 
         t = self._table(name)
@@ -207,7 +207,7 @@ class EbpfBackend:
                                               ctypes.byref(token_out), keys, vals, ctypes.byref(count))
             err = ctypes.get_errno()
             if res != 0 and err not in (errno.ENOENT,):
-                if first and err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524, 524):
+                if first and err in (errno.EINVAL, ENOTSUPP):
                     return {bytes(k): bytes(v) for k, v in t.items()}
                 raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {name}")
             kraw, vraw = keys.raw, vals.raw
