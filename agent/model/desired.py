@@ -63,6 +63,8 @@ class NodeContext:
     masquerade_all: bool = False
     # None: every local address takes NodePorts; otherwise exactly these addresses.
     nodeport_ips: tuple[str, ...] | None = None
+    # the cluster's service CIDRs in this family (ServiceCIDR objects); empty: not known
+    service_cidrs: tuple[str, ...] = ()
 
     @property
     def loopback(self) -> str:
@@ -78,10 +80,25 @@ class ServicePlan:
     # Addresses of every endpoint that can serve (ready, or serving while terminating), whatever
     # the traffic policy or topology: UDP flows to these are kept, flows to any other are stale.
     serving: frozenset[str] = frozenset()
+    # one of this node's addresses lies in the Service's loadBalancerSourceRanges (see source_ranges)
+    node_in_source_ranges: bool = False
 
     @property
     def name(self) -> ServicePortName:
         return self.info.name
+
+    @property
+    def source_ranges(self) -> tuple[str, ...]:
+        """loadBalancerSourceRanges as this node applies them (load-balancer IP traffic from any
+        other source is dropped; empty: every source): the ranges, plus the Service's own
+        load-balancer IPs when one of this node's addresses lies in a range, as kube-proxy does: a
+        VIP-like load balancer whose IP is on the node loops the node's requests back with the LB IP
+        as their source."""
+        ranges = self.info.load_balancer_source_ranges
+        if not self.node_in_source_ranges:
+            return ranges
+        host = "/32" if self.info.family == 4 else "/128"
+        return ranges + tuple(ip + host for ip in self.info.load_balancer_ips if ip + host not in ranges)
 
     @property
     def internal_endpoints(self) -> tuple[EndpointInfo, ...]:

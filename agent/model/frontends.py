@@ -159,7 +159,7 @@ def frontends_of(plan: ServicePlan, node_addresses: Iterable[str]) -> list[Front
         )
 
     out += [ext("ExternalIP", ip, info.port) for ip in info.external_ips]
-    out += [ext("LoadBalancerIP", ip, info.port, info.load_balancer_source_ranges)
+    out += [ext("LoadBalancerIP", ip, info.port, plan.source_ranges)
             for ip in info.load_balancer_ips]
     if info.node_port:
         out += [ext("NodePort", ip, info.node_port) for ip in node_addresses]

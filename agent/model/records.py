@@ -133,11 +133,23 @@ class Node(msgspec.Struct, rename="camel", frozen=True):
     status: NodeStatus = NodeStatus()
 
 
-Record = Service | EndpointSlice | Node
-KIND_TYPES: dict[str, type[Service] | type[EndpointSlice] | type[Node]] = {
+class ServiceCIDRSpec(msgspec.Struct, rename="camel", frozen=True):
+    cidrs: list[str] = []
+
+
+class ServiceCIDR(msgspec.Struct, rename="camel", frozen=True):
+    """networking.k8s.io/v1 ServiceCIDR: a range the cluster allocates ClusterIPs from."""
+
+    metadata: Meta = Meta()
+    spec: ServiceCIDRSpec = ServiceCIDRSpec()
+
+
+Record = Service | EndpointSlice | Node | ServiceCIDR
+KIND_TYPES: dict[str, type[Service] | type[EndpointSlice] | type[Node] | type[ServiceCIDR]] = {
     "Service": Service,
     "EndpointSlice": EndpointSlice,
     "Node": Node,
+    "ServiceCIDR": ServiceCIDR,
 }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from agent.model.desired import ChangedPorts, Changes, DesiredState, NodeContext, ServicePlan, StaleFlow
 from agent.model.endpoints import SliceInfo, merge_slices, slice_info
 from agent.model.frontends import FrontendKey, frontend_addresses, nodeport_addresses
-from agent.model.records import ZONE_LABEL, EndpointSlice, Node, Service
+from agent.model.records import ZONE_LABEL, EndpointSlice, Node, Service, ServiceCIDR
 from agent.model.serviceport import (
     NamespacedName,
     Problem,
@@ -22,6 +22,7 @@ from agent.model.topology import categorize
 from agent.model.tracker import ChangeTracker
 
 FAMILIES = (4, 6)
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["FAMILIES", "ClusterModel", "NodeInfo", "StaleFlow", "Update"]
 
@@ -71,6 +72,12 @@ class ClusterModel:
         self._masquerade_all = masquerade_all
         self._nodeport_cidrs = tuple(nodeport_cidrs)
         self._local_ips: tuple[str, ...] = ()
+        # this node's addresses per family, but loopback: a load-balancer source range holding one
+        # lets the Service's own load-balancer IPs through as sources (ServicePlan.source_ranges)
+        self._node_addrs: dict[int, tuple[Address, ...]] = {f: () for f in FAMILIES}
+        self._addrs_dirty = False
+        self._service_cidrs: tuple[str, ...] = ()
+        self._cidr_objects: dict[NamespacedName, tuple[str, ...]] = {}  # ServiceCIDR -> its valid CIDRs
         self.services: ChangeTracker[NamespacedName, tuple[ServicePortInfo, ...]] = ChangeTracker()
         self.slices: ChangeTracker[NamespacedName, SliceInfo] = ChangeTracker()
         self._slices_by_service: dict[NamespacedName, set[NamespacedName]] = {}
@@ -122,6 +129,32 @@ class ClusterModel:
             self._local_ips = new
             if self._nodeport_cidrs:
                 self._node_dirty = True
+            addrs = [a for a in (_address(ip) for ip in new) if a is not None and not a.is_loopback]
+            by_family = {f: tuple(a for a in addrs if a.version == f) for f in FAMILIES}
+            if by_family != self._node_addrs:
+                self._node_addrs = by_family
+                self._addrs_dirty = True
+
+    def on_service_cidr(self, key: NamespacedName, obj: ServiceCIDR | None) -> list[Problem]:
+        """A ServiceCIDR object: the cluster's service CIDRs are the union of theirs. A mode may
+        drop traffic to an address in them that no Service holds. A node-wide change."""
+        problems: list[Problem] = []
+        if obj is None:
+            self._cidr_objects.pop(key, None)
+        else:
+            valid: list[str] = []
+            for c in obj.spec.cidrs:
+                try:
+                    valid.append(str(ipaddress.ip_network(c, strict=False)))
+                except ValueError:
+                    problems.append(Problem("ServiceCIDR", str(key), "invalid_cidr",
+                                            f"spec.cidrs entry {c!r} is not a CIDR; ignored"))
+            self._cidr_objects[key] = tuple(valid)
+        new = tuple(sorted({c for cidrs in self._cidr_objects.values() for c in cidrs}))
+        if new != self._service_cidrs:
+            self._service_cidrs = new
+            self._node_dirty = True
+        return problems
 
     @property
     def node_deleting(self) -> bool:
@@ -151,6 +184,8 @@ class ClusterModel:
             cluster_cidrs=fam_cidrs,
             masquerade_all=self._masquerade_all,
             nodeport_ips=nodeport_ips,
+            service_cidrs=tuple(c for c in self._service_cidrs
+                                if ipaddress.ip_network(c, strict=False).version == family),
         )
 
     def drain(self) -> Update:
@@ -182,6 +217,10 @@ class ClusterModel:
                 self.desired[fam].node = self._context(fam)
             planned = {svc for fam in FAMILIES for svc in self._ports_by_service[fam]}
             touched = set(self.services.committed) | planned
+        elif self._addrs_dirty:  # only Services with source ranges depend on the node's addresses
+            touched |= {svc for svc, ports in self.services.committed.items()
+                        if any(p.load_balancer_source_ranges for p in ports)}
+        self._addrs_dirty = False
         for fam in FAMILIES:
             changed = self._recompute(fam, touched, update)
             update.changed[fam] = changed
@@ -217,7 +256,8 @@ class ClusterModel:
                 eps = merged.get((family, (info.name.port, info.protocol)), ())
                 cat = categorize(info, eps, ctx.node_name, ctx.zone)
                 serving = frozenset(e.ip for e in eps if e.ready or e.serving)
-                new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any, serving)
+                new_plans[info.name] = ServicePlan(info, cat.cluster, cat.local, cat.has_any, serving,
+                                                   self._node_in_ranges(info))
             for spn in by_service.get(svc, set()) - new_plans.keys():
                 old = state.services.pop(spn)
                 changed.add(spn)
@@ -233,6 +273,20 @@ class ClusterModel:
             else:
                 by_service.pop(svc, None)
         return frozenset(changed)
+
+
+    def _node_in_ranges(self, info: ServicePortInfo) -> bool:
+        if not info.load_balancer_source_ranges or not info.load_balancer_ips:
+            return False
+        nets = [ipaddress.ip_network(c, strict=False) for c in info.load_balancer_source_ranges]
+        return any(a in n for a in self._node_addrs[info.family] for n in nets if n.version == a.version)
+
+
+def _address(ip: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        return None
 
 
 def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:

@@ -1,4 +1,4 @@
-"""List and watch Services, EndpointSlices and this Node from the Kubernetes API.
+"""List and watch Services, EndpointSlices, this Node and ServiceCIDRs from the Kubernetes API.
 
 The official client supplies config, auth and TLS; list and watch bodies are decoded straight into
 the lean records with msgspec (one object at a time, so one bad object is skipped, not the list).
@@ -33,6 +33,9 @@ class Resource:
     kind: str
     path: str  # collection path
     field_selector: str = ""
+    # optional: an API server that does not serve it (404) or does not let us read it (403) counts
+    # as an empty list (logged once), so the agent still starts; retried every OPTIONAL_RETRY s
+    optional: bool = False
 
 
 class _ListMeta(msgspec.Struct, rename="camel", frozen=True):
@@ -69,7 +72,16 @@ class Gone(Exception):
 
 
 class ApiError(Exception):
-    pass
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# what the agent does without an optional resource
+_WITHOUT = {
+    "ServiceCIDR": "traffic to an unallocated address of the service CIDRs is not dropped in nftables mode; "
+                   "grant list/watch on servicecidrs.networking.k8s.io, as the manifests do",
+}
 
 
 def load_client_config(kubeconfig: str | None) -> client.Configuration:
@@ -96,6 +108,7 @@ def api_headers(cfg: client.Configuration, **extra: str) -> dict[str, str]:
 class KubeSource:
     PAGE = 500
     WATCH_SECONDS = 300
+    OPTIONAL_RETRY = 300.0
 
     def __init__(self, cfg: client.Configuration, sink: Sink, node_name: str) -> None:
         self.cfg = cfg
@@ -104,6 +117,7 @@ class KubeSource:
             Resource("Service", "/api/v1/services"),
             Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
             Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}"),
+            Resource("ServiceCIDR", "/apis/networking.k8s.io/v1/servicecidrs", optional=True),
         ]
         self._pool = client.ApiClient(cfg).rest_client.pool_manager
         self._stop = threading.Event()
@@ -126,7 +140,7 @@ class KubeSource:
             body = resp.data if not stream else resp.read(2048)
             msg = body.decode(errors="replace")[:300]
             hint = " (check the ClusterRole in manifests/ grants list/watch)" if resp.status == 403 else ""
-            raise ApiError(f"GET {path} returned HTTP {resp.status}: {msg}{hint}")
+            raise ApiError(f"GET {path} returned HTTP {resp.status}: {msg}{hint}", resp.status)
         return resp
 
     def _decode(self, kind: str, raw: bytes) -> Record | None:
@@ -180,12 +194,16 @@ class KubeSource:
     def watch_forever(self, res: Resource) -> None:
         backoff = 0.5
         rv = ""
+        listed = absent = False  # absent: an optional resource the API does not serve or let us read
         while not self._stop.is_set():
             try:
                 if not rv:
                     records, rv = self.list(res)
                     self.sink.replace_all(res.kind, records)
                     backoff = 0.5  # the API answers again: a later outage starts from a short wait
+                    if absent:
+                        log.info("optional resource readable again kind=%s objects=%d", res.kind, len(records))
+                    listed, absent = True, False
                 for typ, raw in self._events(res, rv):
                     if typ == "ERROR":
                         status = msgspec.json.decode(raw, type=_Status)
@@ -204,18 +222,41 @@ class KubeSource:
             except Gone:
                 log.info("watch expired (410 Gone); relisting without flushing rules kind=%s", res.kind)
                 rv = ""
-            except Exception as exc:
-                if self._stop.is_set():
-                    return
-                for cb in self.on_error:
-                    cb(res.kind)
-                delay = backoff * (1 + random.random() * 0.2)
-                log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs",
-                            res.kind, str(exc)[:500], delay)
-                self._stop.wait(delay)
-                backoff = min(backoff * 2, 30.0)
-                if isinstance(exc, (ApiError, msgspec.DecodeError)):
+            except ApiError as exc:
+                if not (res.optional and exc.status in (403, 404)):
+                    self._failed(res, exc, backoff)
+                    backoff = min(backoff * 2, 30.0)
                     rv = ""
+                    continue
+                # Never listed: start without it (an empty list). Listed before (an API server
+                # restarting answers 403 for a while): keep what was listed. Retry, slower and slower.
+                if not absent:
+                    absent = True
+                    if not listed:
+                        self.sink.replace_all(res.kind, {})
+                    log.warning("optional resource not readable kind=%s status=%d; going on %s (%s)", res.kind,
+                                exc.status, "with the last list" if listed else "without it",
+                                _WITHOUT.get(res.kind, ""))
+                backoff = max(backoff, 5.0)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.OPTIONAL_RETRY)
+                rv = ""
+            except Exception as exc:
+                self._failed(res, exc, backoff)
+                backoff = min(backoff * 2, 30.0)
+                if isinstance(exc, msgspec.DecodeError):
+                    rv = ""
+
+    def _failed(self, res: Resource, exc: Exception, backoff: float) -> None:
+        """Count and log a failed call, then wait about `backoff` seconds."""
+        if self._stop.is_set():
+            return
+        for cb in self.on_error:
+            cb(res.kind)
+        delay = backoff * (1 + random.random() * 0.2)
+        log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs",
+                    res.kind, str(exc)[:500], delay)
+        self._stop.wait(delay)
 
     def start(self) -> None:
         for res in self.resources:

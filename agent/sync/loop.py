@@ -13,7 +13,7 @@ from agent.backends.base import Backend, SyncError
 from agent.health import ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
 from agent.model.desired import StaleFlow
-from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service
+from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service, ServiceCIDR
 from agent.model.serviceport import NamespacedName, Problem
 from agent.model.state import FAMILIES, ClusterModel
 from agent.sync.tallies import PlanTallies
@@ -90,6 +90,9 @@ class SyncLoop:
             assert rec is None or isinstance(rec, Node)
             self.model.on_node(rec)
             self.health.node_deleting = self.model.node_deleting
+        elif kind == "ServiceCIDR":
+            assert rec is None or isinstance(rec, ServiceCIDR)
+            self._record_problems(self.model.on_service_cidr(key, rec))
         if rec is None:
             self._known[kind].discard(key)
         else:

@@ -55,7 +55,7 @@ WEB = NamespacedName("shop", "web")
 
 
 def names(records: Mapping[str, Mapping[NamespacedName, Record]]) -> dict[str, list[str]]:
-    return {kind: sorted(str(k) for k in recs) for kind, recs in records.items()}
+    return {kind: sorted(str(k) for k in recs) for kind, recs in records.items() if kind != "ServiceCIDR" or recs}
 
 
 def test_multi_document_yaml(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_kind_list(tmp_path: Path) -> None:
 def test_empty_list(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("apiVersion: v1\nkind: List\nitems: null\n")
-    assert load(path) == ({"Service": {}, "EndpointSlice": {}, "Node": {}}, [])
+    assert load(path) == ({"Service": {}, "EndpointSlice": {}, "Node": {}, "ServiceCIDR": {}}, [])
 
 
 def test_directory_of_yaml_yml_and_json(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_file_source_replaces_every_kind_and_reports_problems(tmp_path: Path) ->
     (tmp_path / "broken.yaml").write_text("{")
     sink = RecordingSink()
     FileSource(str(tmp_path), sink).load_once()
-    assert sink.replaced == {"Service": ["shop/web"], "EndpointSlice": ["shop/web-abc"], "Node": []}
+    assert sink.replaced == {"Service": ["shop/web"], "EndpointSlice": ["shop/web-abc"], "Node": [], "ServiceCIDR": []}
     assert [p.reason for p in sink.problems] == ["unreadable"]
 
 

@@ -120,6 +120,7 @@ def test_cluster_ip_with_two_endpoints() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -167,6 +168,7 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -211,6 +213,7 @@ def test_service_without_endpoints_is_rejected() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -250,6 +253,7 @@ def test_external_traffic_policy_local_with_local_and_remote_endpoints() -> None
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -308,6 +312,7 @@ def test_external_traffic_policy_local_with_only_remote_endpoints() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -357,6 +362,7 @@ def test_internal_traffic_policy_local() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -417,6 +423,7 @@ def test_session_affinity_client_ip() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -469,6 +476,7 @@ def test_load_balancer_with_source_ranges() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -524,6 +532,7 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -576,6 +585,7 @@ def test_masquerade_all_with_an_external_ip() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -625,6 +635,7 @@ def test_two_cluster_cidrs() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -684,6 +695,7 @@ def test_nodeport_addresses_and_a_node_port_without_endpoints() -> None:
     assert text == expect("""
         *filter
         :KPA-FORWARD - [0:0]
+        :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
@@ -1080,3 +1092,70 @@ def test_health_check_node_port_is_accepted_in_the_filter_table() -> None:
     assert ("filter", "INPUT", "KPA-HEALTH-CHECKS", "") in C.HOOKS
     plain = full_text(service("db", "10.96.0.20", HTTP), endpoint_slice("db-1", "db", [endpoint("10.244.1.6")]))
     assert "-A KPA-HEALTH-CHECKS" not in plain
+
+
+def _node_port_jumps(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.endswith("-j KPA-NODEPORTS")]
+
+
+def test_localhost_node_ports_follow_kube_proxys_default() -> None:
+    """--iptables-localhost-nodeports (kube-proxy's default, true): with NodePorts on every address,
+    127.0.0.1 enters the node-port chain too, and KPA-LOCALNET drops what reaches 127.0.0.0/8 from
+    outside the node (route_localnet=1 would otherwise expose what listens there: CVE-2020-8558).
+    Off: loopback never enters the node-port chain (a DNAT from it would be black-holed)."""
+    np = service("web", "10.96.0.10", HTTP_NP, type="NodePort")
+    node = Node().apply(np)
+    node.renderer = IptablesRenderer(localhost_nodeports=True)
+    text = node.sync(full=True).text
+    assert _node_port_jumps(text) == [
+        '-A KPA-SERVICES -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS']
+    assert ('-A KPA-LOCALNET -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m comment --comment '
+            '"block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP') in text
+    off = full_text(np)
+    assert _node_port_jumps(off) == [
+        '-A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" '
+        '-j KPA-NODEPORTS']
+    assert "-A KPA-LOCALNET" not in off
+
+
+def test_localhost_in_nodeport_addresses() -> None:
+    """--nodeport-addresses 127.0.0.0/8,192.168.0.0/16: 127.0.0.1 takes NodePorts only with
+    localhost node ports on; never in IPv6 (::1 cannot be routed to a pod)."""
+    np = service("web", "10.96.0.10", HTTP_NP, type="NodePort")
+    ips = ("192.168.1.10", "127.0.0.1", "::1", "fd00::1")
+    on = Node(nodeport_cidrs=("127.0.0.0/8", "192.168.0.0/16", "::1/128"), local_ips=ips).apply(np)
+    on.renderer = IptablesRenderer(localhost_nodeports=True)
+    text = on.sync(full=True).text
+    assert [j.split()[3] for j in _node_port_jumps(text)] == ["127.0.0.1/32", "192.168.1.10/32"]
+    assert "-A KPA-LOCALNET -d 127.0.0.0/8" in text
+    off = Node(nodeport_cidrs=("127.0.0.0/8", "192.168.0.0/16"), local_ips=ips).apply(np).sync(full=True).text
+    assert [j.split()[3] for j in _node_port_jumps(off)] == ["192.168.1.10/32"]
+    v6 = Node(nodeport_cidrs=("::1/128", "fd00::/64"), local_ips=ips, family=6, cluster_cidrs=("fd00:244::/64",))
+    v6.renderer = IptablesRenderer(localhost_nodeports=True)
+    v6text = v6.apply(service("web6", "fd00:96::1", HTTP_NP, type="NodePort")).sync(full=True).text
+    assert [j.split()[3] for j in _node_port_jumps(v6text)] == ["fd00::1/128"]
+    assert "-A KPA-LOCALNET" not in v6text
+    # without loopback in --nodeport-addresses there is nothing to guard
+    plain = Node(nodeport_cidrs=("192.168.0.0/16",), local_ips=ips).apply(np)
+    plain.renderer = IptablesRenderer(localhost_nodeports=True)
+    assert "-A KPA-LOCALNET" not in plain.sync(full=True).text
+
+
+def test_load_balancer_ips_are_allowed_sources_when_the_node_is_in_the_ranges() -> None:
+    """loadBalancerSourceRanges 192.168.0.0/16 and a node address in it: the Service's own LB IP
+    is an allowed source too (a VIP-like load balancer loops the node's own requests back with
+    the LB IP as source), as kube-proxy does. The node's address moving out of the range takes it
+    away again, in a partial sync of that Service alone."""
+    lb = service("lb", "10.96.0.20", HTTP, type="LoadBalancer", loadBalancerSourceRanges=["192.168.0.0/16"],
+                 status={"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}})
+    node = Node(local_ips=("192.168.1.10",)).apply(lb, endpoint_slice("lb-1", "lb", [endpoint("10.244.1.5")]))
+    fw = C.service_chain("FW", "ns/lb:http", "TCP")
+    text = node.sync(full=True).text
+    assert f"-A {fw} -s 192.168.0.0/16 -j RETURN" in text
+    assert f"-A {fw} -s 203.0.113.7/32 -j RETURN" in text
+    node.model.set_local_ips(("10.0.0.1",))
+    out = node.sync()
+    assert f"-A {fw} -s 203.0.113.7/32 -j RETURN" not in out.text and f"-A {fw} -s 192.168.0.0/16 -j RETURN" in out.text
+    # and an unrelated address change touches nothing
+    node.model.set_local_ips(("10.0.0.2",))
+    assert node.sync().text == ""

@@ -144,7 +144,8 @@ def test_clusterrole_grants_exactly_what_the_agent_needs() -> None:
                 for verb in rule["verbs"]:
                     granted.add((group, resource, verb))
     expected = {
-        *((g, r, v) for g, r in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices")]
+        *((g, r, v) for g, r in [("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices"),
+                                 ("networking.k8s.io", "servicecidrs")]
           for v in ("get", "list", "watch")),
         *((g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")),
     }

@@ -71,7 +71,13 @@ def test_mode_settings_from_flags_reach_only_their_mode_with_defaults_filled() -
                                  "ipvs_exclude_cidrs": ("10.0.0.0/8", "192.168.0.0/16"), "ipvs_udp_timeout": 5.0}
     opts = registry.spec("ipvs").options((4,), cfg.mode_settings)
     assert opts.settings["ipvs_scheduler"] == "sh" and opts.settings["ipvs_tcp_timeout"] == 0.0
-    assert registry.spec("iptables").options((4,), cfg.mode_settings).settings == {}
+    assert registry.spec("iptables").options((4,), cfg.mode_settings).settings == {
+        "iptables_localhost_nodeports": True}  # its own default, untouched by the ipvs flags
+    off = build("--iptables-localhost-nodeports", "false")
+    assert registry.spec("iptables").options((4,), off.mode_settings).settings == {
+        "iptables_localhost_nodeports": False}
+    doc = {"iptables": {"localhostNodePorts": False}}
+    assert from_config_file(doc, registry.settings())["mode_settings"] == {"iptables_localhost_nodeports": False}
 
 
 def test_a_modes_sync_period_wins_only_in_that_mode() -> None:

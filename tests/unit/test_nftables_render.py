@@ -88,6 +88,8 @@ add map ip kube-proxy-agent firewall-ips { type ipv4_addr . inet_proto . inet_se
 flush map ip kube-proxy-agent firewall-ips
 add set ip kube-proxy-agent hairpin { type ipv4_addr . ipv4_addr ; }
 flush set ip kube-proxy-agent hairpin
+add set ip kube-proxy-agent cluster-ips { type ipv4_addr ; }
+flush set ip kube-proxy-agent cluster-ips
 add chain ip kube-proxy-agent mark-for-masquerade
 add rule ip kube-proxy-agent mark-for-masquerade meta mark set meta mark | 0x4000
 add chain ip kube-proxy-agent masquerading
@@ -96,6 +98,8 @@ add rule ip kube-proxy-agent masquerading meta mark set meta mark ^ 0x4000
 add rule ip kube-proxy-agent masquerading masquerade fully-random
 add chain ip kube-proxy-agent reject-chain
 add rule ip kube-proxy-agent reject-chain reject
+add chain ip kube-proxy-agent cluster-ips-check
+add rule ip kube-proxy-agent cluster-ips-check ip daddr @cluster-ips reject comment "no such port on this cluster IP"
 add chain ip kube-proxy-agent services
 add rule ip kube-proxy-agent services ip daddr . meta l4proto . th dport vmap @service-ips
 add rule ip kube-proxy-agent services ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport \
@@ -119,12 +123,14 @@ add rule ip kube-proxy-agent filter-forward ct state new ip daddr . meta l4proto
 add rule ip kube-proxy-agent filter-forward ct state new fib daddr type local meta l4proto . th dport \
 vmap @no-endpoint-nodeports
 add rule ip kube-proxy-agent filter-forward ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule ip kube-proxy-agent filter-forward ct state new jump cluster-ips-check
 add rule ip kube-proxy-agent filter-forward ct state new ct status dnat ip saddr . ip daddr @hairpin \
 jump mark-for-masquerade
 add rule ip kube-proxy-agent filter-forward meta mark & 0x4000 == 0x4000 accept
 add rule ip kube-proxy-agent filter-forward ct state established,related accept
 add chain ip kube-proxy-agent filter-output { type filter hook output priority 0 ; }
 add rule ip kube-proxy-agent filter-output ct state new ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule ip kube-proxy-agent filter-output ct state new jump cluster-ips-check
 add rule ip kube-proxy-agent filter-output ct state new ct status dnat ip saddr . ip daddr @hairpin \
 jump mark-for-masquerade
 """
@@ -189,6 +195,9 @@ add element ip kube-proxy-agent hairpin {
 \t10.244.1.2 . 10.244.1.2,
 \t10.244.1.3 . 10.244.1.3,
 }
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 """,
     ),
     (
@@ -213,6 +222,9 @@ add element ip kube-proxy-agent service-nodeports {
 add element ip kube-proxy-agent hairpin {
 \t10.244.1.2 . 10.244.1.2,
 }
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 """,
     ),
     (
@@ -230,6 +242,9 @@ add element ip kube-proxy-agent no-endpoint-external {
 }
 add element ip kube-proxy-agent no-endpoint-nodeports {
 \ttcp . 30081 comment "default/empty:http has no endpoints" : goto reject-chain,
+}
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
 }
 """,
     ),
@@ -255,6 +270,9 @@ add element ip kube-proxy-agent service-ips {
 add element ip kube-proxy-agent hairpin {
 \t10.244.1.2 . 10.244.1.2,
 \t10.244.1.3 . 10.244.1.3,
+}
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
 }
 """,
     ),
@@ -287,6 +305,9 @@ add element ip kube-proxy-agent hairpin {
 \t10.244.1.2 . 10.244.1.2,
 \t10.244.9.9 . 10.244.9.9,
 }
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 """,
     ),
     (
@@ -315,6 +336,9 @@ add element ip kube-proxy-agent no-endpoint-nodeports {
 add element ip kube-proxy-agent hairpin {
 \t10.244.9.9 . 10.244.9.9,
 }
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 """,
     ),
     (
@@ -325,6 +349,9 @@ add element ip kube-proxy-agent hairpin {
         """\
 add element ip kube-proxy-agent no-endpoint-services {
 \t10.96.0.10 . tcp . 80 comment "default/itp:http has no endpoints" : drop,
+}
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
 }
 """,
     ),
@@ -362,6 +389,9 @@ add element ip kube-proxy-agent firewall-ips {
 add element ip kube-proxy-agent hairpin {
 \t10.244.1.3 . 10.244.1.3,
 }
+add element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 """,
     ),
     (
@@ -385,6 +415,9 @@ add element ip6 kube-proxy-agent service-nodeports {
 }
 add element ip6 kube-proxy-agent hairpin {
 \tfd00:244::2 . fd00:244::2,
+}
+add element ip6 kube-proxy-agent cluster-ips {
+\tfd00:96::10,
 }
 """,
     ),
@@ -460,12 +493,15 @@ delete element ip kube-proxy-agent service-nodeports {
 delete element ip kube-proxy-agent hairpin {
 \t10.244.1.2 . 10.244.1.2,
 }
+delete element ip kube-proxy-agent cluster-ips {
+\t10.96.0.10,
+}
 flush chain ip kube-proxy-agent $svc
 flush chain ip kube-proxy-agent $ext
 delete chain ip kube-proxy-agent $svc
 delete chain ip kube-proxy-agent $ext
 """).substitute(names("web"))
-    assert out.totals == {**{m: 0 for m, _, _ in N.MAPS}, "chains": 12, "rules": 22}
+    assert out.totals == {**{m: 0 for m, _, _ in N.MAPS}, "chains": 13, "rules": 25}
 
 
 def test_partial_render_endpoints_gone_swaps_dnat_for_reject() -> None:
@@ -598,7 +634,7 @@ def test_writer_one_transaction_totals_per_family_and_leftovers() -> None:
     assert len(nft.texts) == 1  # both families, one transaction
     assert f"delete chain {T4} sep-old" in nft.texts[0]
     assert result.totals["service-ips"] == 1 and result.totals["service-ips6"] == 0
-    assert result.totals["chains"] == 13 and result.written["rules"] == 24
+    assert result.totals["chains"] == 14 and result.written["rules"] == 27
 
 
 def test_writer_failure_names_the_statement_and_forces_a_full_sync() -> None:
@@ -724,3 +760,39 @@ def test_generation_is_recorded_after_a_write_only(monkeypatch: pytest.MonkeyPat
     gen[0] = 2  # someone else commits
     backend.sync({4: state(NODE4, web)}, {}, full=False)  # nothing to write
     assert not backend.untouched.holds()
+
+
+def test_cluster_ips_check_rejects_other_ports_and_drops_unallocated_addresses() -> None:
+    """As kube-proxy's nftables mode: after DNAT, new traffic still addressed to a cluster IP found
+    no port of it (rejected); traffic to an address of the service CIDRs (ServiceCIDR objects) that
+    no Service holds is dropped. Every port of a Service shares its cluster IP element, which goes
+    only with the last of them."""
+    node = dataclasses.replace(NODE4, service_cidrs=("10.96.0.0/16", "10.97.0.0/16"))
+    text = full_text(node)
+    assert ("add rule ip kube-proxy-agent cluster-ips-check ip daddr 10.96.0.0/15 drop "
+            'comment "no Service holds this address"\n') in text
+    assert "cluster-ips-check ip daddr @cluster-ips reject" in text
+    http = ServicePlan(info("web"), (A,), has_any=True)
+    dns = ServicePlan(ServicePortInfo(spn("web", "dns", "UDP"), 4, "UDP", 53, "10.96.0.10"), (A,), has_any=True)
+    r, st = synced(http, dns)
+    del st.services[dns.name]
+    assert "cluster-ips" not in r.render(st, {dns.name}, full=False).text
+    del st.services[http.name]
+    last = r.render(st, {http.name}, full=False).text
+    assert "delete element ip kube-proxy-agent cluster-ips {\n\t10.96.0.10,\n}" in last
+
+
+def test_loopback_never_takes_node_ports() -> None:
+    """--nodeport-addresses holding 127.0.0.1: left out of nodeport-ips (kube-proxy's nftables mode
+    serves no localhost NodePorts; a DNAT from loopback would be black-holed)."""
+    text = full_text(dataclasses.replace(NODE4, nodeport_ips=("127.0.0.1", "192.168.1.10")))
+    assert "add element ip kube-proxy-agent nodeport-ips { 192.168.1.10 }\n" in text
+
+
+def test_load_balancer_ips_join_the_source_ranges_when_the_node_is_in_them() -> None:
+    lb = ServicePlan(info("lb", load_balancer_ips=("203.0.113.7",), load_balancer_source_ranges=("192.168.0.0/16",)),
+                     (A,), has_any=True, node_in_source_ranges=True)
+    rules = dict(render_service(lb, NODE4).chains)
+    assert rules[names("lb")["fw"]] == (
+        'ip saddr != { 192.168.0.0/16, 203.0.113.7/32 } drop comment "default/lb:http source not in '
+        'loadBalancerSourceRanges"',)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.model.records import EndpointSlice, Service, from_builtins
+from agent.model.records import EndpointSlice, Service, ServiceCIDR, from_builtins
 from agent.model.serviceport import NamespacedName, Problem, ServicePortName
 from agent.model.state import ClusterModel, StaleFlow, Update
 from agent.model.tracker import ChangeTracker
@@ -534,3 +534,47 @@ def test_incremental_drains_match_a_model_built_from_scratch() -> None:
             differ = {k for k in set(before[f]) | set(after) if before[f].get(k) != after.get(k)}
             assert differ <= u.changed[f], (f, differ - u.changed[f])
             assert after == fresh.model.desired[f].services, f
+
+
+def test_service_cidrs_are_the_union_of_the_servicecidr_objects() -> None:
+    """ServiceCIDR objects (networking.k8s.io/v1): their CIDRs, split per family, are node-wide
+    (a change is a full sync); an entry that is not a CIDR is a problem and is skipped."""
+    c = Cluster()
+    c.drain()
+
+    def cidr_obj(name: str, *cidrs: str) -> ServiceCIDR:
+        rec = from_builtins("ServiceCIDR", {"kind": "ServiceCIDR", "metadata": {"name": name},
+                                            "spec": {"cidrs": list(cidrs)}})
+        assert isinstance(rec, ServiceCIDR)
+        return rec
+
+    assert c.model.on_service_cidr(NamespacedName("", "kubernetes"), cidr_obj("kubernetes", "10.96.0.0/16",
+                                                                              "fd00:96::/112")) == []
+    problems = c.model.on_service_cidr(NamespacedName("", "extra"), cidr_obj("extra", "10.100.0.0/16", "bogus"))
+    assert [p.reason for p in problems] == ["invalid_cidr"] and "bogus" in problems[0].detail
+    assert c.drain().full
+    assert c.model.desired[4].node.service_cidrs == ("10.100.0.0/16", "10.96.0.0/16")
+    assert c.model.desired[6].node.service_cidrs == ("fd00:96::/112",)
+    c.model.on_service_cidr(NamespacedName("", "extra"), cidr_obj("extra", "10.100.0.0/16"))
+    assert not c.drain().full  # the same CIDRs
+    c.model.on_service_cidr(NamespacedName("", "extra"), None)
+    assert c.drain().full
+    assert c.model.desired[4].node.service_cidrs == ("10.96.0.0/16",)
+
+
+def test_node_in_load_balancer_source_ranges_follows_the_node_addresses() -> None:
+    """Only Services with source ranges (and LB IPs) are recomputed when the node's addresses change,
+    and only their plans change when the node moves into or out of a range."""
+    c = Cluster()
+    lb = service("lb", ["10.96.0.20"], HTTP, type="LoadBalancer", loadBalancerSourceRanges=["192.168.0.0/16"])
+    lb["status"] = {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}
+    c.apply(lb, service("web", ["10.96.0.10"], HTTP))
+    c.model.set_local_ips(["10.0.0.1", "127.0.0.1"])
+    c.drain()
+    plan = c.model.desired[4].services[spn("lb")]
+    assert not plan.node_in_source_ranges and plan.source_ranges == ("192.168.0.0/16",)
+    c.model.set_local_ips(["192.168.1.10"])
+    assert c.drain().changed[4] == {spn("lb")}
+    assert c.model.desired[4].services[spn("lb")].source_ranges == ("192.168.0.0/16", "203.0.113.7/32")
+    fronts = c.model.desired[4].frontends.of_port(spn("lb"))
+    assert [f.source_ranges for f in fronts if f.kind == "LoadBalancerIP"] == [("192.168.0.0/16", "203.0.113.7/32")]

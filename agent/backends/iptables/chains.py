@@ -15,6 +15,8 @@ MASQ_NOT_PODS = "KPA-MASQ-NOT-PODS"  # mark for masquerade unless the source is 
 FORWARD = "KPA-FORWARD"
 FIREWALL = "KPA-FIREWALL"
 HEALTH_CHECKS = "KPA-HEALTH-CHECKS"  # filter: accepts health check node ports (a host firewall may drop the rest)
+# filter: with NodePorts on 127.0.0.1 (route_localnet=1), drops what reaches 127.0.0.0/8 from outside
+LOCALNET = "KPA-LOCALNET"
 MASQ_MARK = "0x4000"
 
 TABLES = ("filter", "nat", "mangle")
@@ -30,6 +32,8 @@ HOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("filter", "FORWARD", SERVICES, "-m conntrack --ctstate NEW"),
     ("filter", "OUTPUT", SERVICES, "-m conntrack --ctstate NEW"),
     ("filter", "FORWARD", FORWARD, ""),
+    ("filter", "INPUT", LOCALNET, ""),
+    ("filter", "OUTPUT", LOCALNET, ""),
     ("mangle", "PREROUTING", FIREWALL, ""),
     ("mangle", "OUTPUT", FIREWALL, ""),
 )
@@ -37,7 +41,7 @@ HOOKS: tuple[tuple[str, str, str, str], ...] = (
 # Chains that exist whenever the mode runs, per table.
 BASE_CHAINS: dict[str, tuple[str, ...]] = {
     "nat": (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, MASQ_NOT_PODS),
-    "filter": (SERVICES, EXTERNAL_SERVICES, FORWARD, HEALTH_CHECKS),
+    "filter": (SERVICES, EXTERNAL_SERVICES, FORWARD, HEALTH_CHECKS, LOCALNET),
     "mangle": (FIREWALL,),
 }
 

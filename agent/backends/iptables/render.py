@@ -8,6 +8,7 @@ and deletes every chain of ours that is no longer wanted.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -199,8 +200,8 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
                     f"-A {C.EXTERNAL_SERVICES} -m addrtype --dst-type LOCAL {np_match} "
                     f"{_comment(f'{spn} has {ext_reason}')} {ext_verdict}"
                 )
-        if info.load_balancer_source_ranges:
-            fw = [f"-A {fw_chain} -s {cidr} -j RETURN" for cidr in info.load_balancer_source_ranges]
+        if plan.source_ranges:
+            fw = [f"-A {fw_chain} -s {cidr} -j RETURN" for cidr in plan.source_ranges]
             fw.append(f"-A {fw_chain} {_comment(f'{spn} source not in loadBalancerSourceRanges')} -j DROP")
             mangle.append((fw_chain, tuple(fw)))
             for ip in info.load_balancer_ips:
@@ -225,18 +226,33 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
     )
 
 
-def base_rules(node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
-    """Rules of the fixed chains (not per service)."""
+def localhost_nodeports(node: NodeContext, allowed: bool) -> bool:
+    """Whether NodePorts are served on 127.0.0.1 in this family: IPv4 only (IPv6 cannot route
+    ::1), when --iptables-localhost-nodeports allows it and --nodeport-addresses takes loopback (all
+    addresses, or a CIDR holding 127.0.0.1), as kube-proxy decides. Needs route_localnet=1."""
+    if node.family != 4 or not allowed:
+        return False
+    return node.nodeport_ips is None or any(ipaddress.ip_address(ip).is_loopback for ip in node.nodeport_ips)
+
+
+def base_rules(node: NodeContext, localhost: bool = False) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Rules of the fixed chains (not per service). `localhost`: NodePorts on 127.0.0.1 too (see
+    localhost_nodeports); otherwise loopback destinations never enter the node-port chain, where
+    their DNAT would be black-holed (route_localnet off)."""
     loop = node.loopback
+    comment = _comment("node ports")
     if node.nodeport_ips is None:
-        np_jump = [
-            f"-A {C.SERVICES} ! -d {loop} -m addrtype --dst-type LOCAL {_comment('node ports')} -j {C.NODEPORTS}"
-        ]
+        not_loop = "" if localhost else f"! -d {loop} "
+        np_jump = [f"-A {C.SERVICES} {not_loop}-m addrtype --dst-type LOCAL {comment} -j {C.NODEPORTS}"]
     else:
         np_jump = [
-            f"-A {C.SERVICES} -d {_host(ip, node.family)} {_comment('node ports')} -j {C.NODEPORTS}"
-            for ip in node.nodeport_ips
+            f"-A {C.SERVICES} -d {_host(ip, node.family)} {comment} -j {C.NODEPORTS}"
+            for ip in node.nodeport_ips if localhost or not ipaddress.ip_address(ip).is_loopback
         ]
+    # route_localnet=1 would let any neighbour reach what listens on 127.0.0.1 (CVE-2020-8558):
+    # new traffic to 127.0.0.0/8 that did not come from it, and is not a NodePort's DNAT, is dropped
+    localnet = (f"-A {C.LOCALNET} -d {loop} ! -s {loop} {_comment('block incoming localnet connections')} "
+                "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",) if localhost else ()
     return {
         ("nat", C.MARK_MASQ): (f"-A {C.MARK_MASQ} -j MARK --or-mark {C.MASQ_MARK}",),
         ("nat", C.MASQ_NOT_PODS): (
@@ -253,6 +269,7 @@ def base_rules(node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
             f"-A {C.FORWARD} -m mark --mark {C.MASQ_MARK}/{C.MASQ_MARK} -j ACCEPT",
             f"-A {C.FORWARD} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ),
+        ("filter", C.LOCALNET): localnet,
         ("nat", C.SERVICES + "#tail"): tuple(np_jump),
     }
 
@@ -276,7 +293,9 @@ def _emit(sections: Mapping[str, tuple[list[str], list[str], list[str]]]) -> str
 class IptablesRenderer:
     """Keeps each service port's rendered rules and what was last written, per family."""
 
-    def __init__(self) -> None:
+    def __init__(self, localhost_nodeports: bool = False) -> None:
+        # --iptables-localhost-nodeports (and route_localnet=1 set by the mode)
+        self.localhost_nodeports = localhost_nodeports
         self._rules: dict[ServicePortName, ServiceRules] = {}
         self._dispatch_text: dict[tuple[str, str], str] = {}
         self._dispatch_count: dict[tuple[str, str], int] = {}
@@ -320,6 +339,9 @@ class IptablesRenderer:
             self._digests.pop(spn, None)
             self._unchecked.discard(spn)
 
+    def _base(self, node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
+        return base_rules(node, localhost_nodeports(node, self.localhost_nodeports))
+
     def drift(self, rule_counts: Mapping[tuple[str, str], int],
               digests: Mapping[tuple[str, str], int] | None = None) -> set[ServicePortName] | None:
         """Compare what was written with what the kernel holds (rules per chain of ours, from
@@ -329,7 +351,7 @@ class IptablesRenderer:
         nothing was written yet: then only a full rewrite will do."""
         if not self.in_sync or self._node is None:
             return None
-        for (table, chain), rules in base_rules(self._node).items():
+        for (table, chain), rules in self._base(self._node).items():
             if not chain.endswith("#tail") and (table, chain) not in DISPATCH \
                     and rule_counts.get((table, chain)) != len(rules):
                 return None
@@ -392,7 +414,7 @@ class IptablesRenderer:
             for spn in set(self._rules) - set(desired.services):
                 deleted |= self._rules.pop(spn).chain_names()
 
-        base = base_rules(node)
+        base = self._base(node)
         order = sorted(self._rules)
         dispatch_out: dict[tuple[str, str], list[str]] = {}
         for key in DISPATCH:

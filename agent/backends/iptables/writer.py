@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from agent.backends.base import SyncError, SyncResult, UnsupportedMode
 from agent.backends.iptables import chains as C
 from agent.backends.iptables.metrics import IptablesMetrics
-from agent.backends.iptables.render import IptablesRenderer, RenderResult
-from agent.kernel import conntrack, nfgen
+from agent.backends.iptables.render import IptablesRenderer, RenderResult, localhost_nodeports
+from agent.kernel import conntrack, nfgen, sysctl
 from agent.kernel.commands import CommandError, have, run
 from agent.kernel.xtables import (
     RestoreFailed,
@@ -35,11 +35,15 @@ class IptablesBackend:
     name: ClassVar[str] = "iptables"
     BATCH_CHAINS = 2000
 
+    ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
+
     def __init__(self, tools: Tools | None = None, families: tuple[int, ...] = (4, 6),
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, localhost_nodeports: bool = True) -> None:
         self._tools = tools
         self.families = families
-        self._renderers = {f: IptablesRenderer() for f in families}
+        self._localhost = localhost_nodeports
+        self._renderers = {f: IptablesRenderer(localhost_nodeports) for f in families}
+        self._route_localnet = False  # set to 1 by this run
         self.metrics = IptablesMetrics(registry)
         self.conntrack = conntrack.Cleaner()
         self.untouched = nfgen.Untouched()  # the nft variant writes through nf_tables
@@ -92,6 +96,8 @@ class IptablesBackend:
         for fam in self.families:
             state = desired[fam]
             renderer = self._renderers[fam]
+            if localhost_nodeports(state.node, renderer.localhost_nodeports) and not self._route_localnet:
+                self._enable_route_localnet(renderer)
             changed = changes[fam].ports if fam in changes else frozenset()
             # iptables-nft-restore slows down quadratically with the chains in one input, so the
             # nft variant gets service chains in batches; legacy rewrites its whole table per
@@ -133,6 +139,20 @@ class IptablesBackend:
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
         return result
 
+    def _enable_route_localnet(self, renderer: IptablesRenderer) -> None:
+        """NodePorts on 127.0.0.1 need route_localnet=1 (as kube-proxy sets it); when it cannot be
+        set, loopback is left out of the node ports instead of DNATed into a black hole."""
+        try:
+            sysctl.ensure(self.ROUTE_LOCALNET, "1")
+            self._route_localnet = True
+            log.info("set %s=1 to serve NodePorts on 127.0.0.1; to avoid it pass "
+                     "--iptables-localhost-nodeports=false or --nodeport-addresses without loopback",
+                     self.ROUTE_LOCALNET)
+        except OSError as exc:
+            renderer.localhost_nodeports = False
+            log.error("cannot set %s=1 error=%r; NodePorts are not served on 127.0.0.1 (grant a writable "
+                      "/proc/sys or pass --iptables-localhost-nodeports=false)", self.ROUTE_LOCALNET, str(exc))
+
     def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool,
                  unwritten: frozenset[ServicePortName]) -> None:
         try:
@@ -153,7 +173,7 @@ class IptablesBackend:
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         parts = []
         for fam in self.families:
-            text = IptablesRenderer().render(desired[fam], (), full=True).text
+            text = IptablesRenderer(self._localhost).render(desired[fam], (), full=True).text
             tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
             parts.append(f"# IPv{fam}: input for {tool} --noflush\n{text}")
         return "".join(parts)

@@ -21,11 +21,12 @@ NO_ENDPOINT_EXTERNAL = "no-endpoint-external"  # external and load-balancer IPs 
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"  # node ports likewise
 FIREWALL_IPS = "firewall-ips"  # load-balancer IP . proto . port -> loadBalancerSourceRanges chain
 HAIRPIN = "hairpin"  # set of endpoint . endpoint: a DNATed packet an endpoint sent to itself
+CLUSTER_IPS = "cluster-ips"  # set of every Service's cluster IP: other ports of it are rejected
 # Node-wide sets.
 NODEPORT_IPS = "nodeport-ips"  # addresses taking node ports, only with --nodeport-addresses
 CLUSTER_CIDRS = "cluster-cidrs"  # interval set, only when a family has several cluster CIDRs
 
-# (name, key, verdict map?) where key is "addr.proto.port", "proto.port" or "addr.addr".
+# (name, key, verdict map?) where key is "addr.proto.port", "proto.port", "addr.addr" or "addr".
 MAPS: tuple[tuple[str, str, bool], ...] = (
     (SERVICE_IPS, "addr.proto.port", True),
     (SERVICE_NODEPORTS, "proto.port", True),
@@ -34,6 +35,7 @@ MAPS: tuple[tuple[str, str, bool], ...] = (
     (NO_ENDPOINT_NODEPORTS, "proto.port", True),
     (FIREWALL_IPS, "addr.proto.port", True),
     (HAIRPIN, "addr.addr", False),
+    (CLUSTER_IPS, "addr", False),
 )
 
 # Regular chains shared by all services.
@@ -41,6 +43,9 @@ SERVICES = "services"
 MARK_MASQ = "mark-for-masquerade"
 MASQUERADING = "masquerading"
 REJECT = "reject-chain"
+# After DNAT, new traffic still addressed to a cluster IP matched no port of it: rejected; to an
+# address of the service CIDRs that no Service holds: dropped (kube-proxy's nftables mode).
+CLUSTER_IPS_CHECK = "cluster-ips-check"
 
 # Base chains: name -> (type, hook, priority). Priorities are numeric because nft 1.0 only accepts
 # the names (dstnat, srcnat, filter) on some hooks.
@@ -68,7 +73,7 @@ BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
     (FILTER_OUTPUT, "filter", "output", 0),
 )
 FIXED_CHAINS: frozenset[str] = frozenset(
-    {SERVICES, MARK_MASQ, MASQUERADING, REJECT} | {c[0] for c in BASE_CHAINS}
+    {SERVICES, MARK_MASQ, MASQUERADING, REJECT, CLUSTER_IPS_CHECK} | {c[0] for c in BASE_CHAINS}
 )
 
 

@@ -15,8 +15,10 @@ Layout of `table ip kube-proxy-agent` (and `ip6`, identical but for addresses):
          nat-postrouting -> masquerading: masquerade fully-random what carries mark 0x4000
          firewall-prerouting, firewall-output (filter, -110, before DNAT): firewall-ips
          filter-input, filter-forward, filter-output (filter, 0, after DNAT): ct state new
-           lookups in the no-endpoint maps, the hairpin mark, then (forward) accept marked and
-           established traffic
+           lookups in the no-endpoint maps, (forward, output) cluster-ips-check, the hairpin mark,
+           then (forward) accept marked and established traffic
+         cluster-ips-check: still addressed to a cluster IP after DNAT (a port the Service does
+           not have): reject; to an unallocated address of the service CIDRs: drop
   per service port: svc-H (cluster endpoints), svl-H (local endpoints): masquerade mark, affinity
          checks, then a numgen cascade whose rules DNAT; ext-H (external traffic), fw-H
          (loadBalancerSourceRanges); with sessionAffinity a dynamic set aff-E-<seconds> per
@@ -190,6 +192,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
 
     # Cluster IP.
     cip_key = _key(info.cluster_ip, proto, info.port)
+    element(N.CLUSTER_IPS, info.cluster_ip, "", "")
     if plan.internal_endpoints:
         internal_chain = svl_chain if info.internal_policy_local else svc_chain
         element(N.SERVICE_IPS, cip_key, f"jump {internal_chain}", f"{spn} cluster IP")
@@ -234,10 +237,10 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
                 element(N.SERVICE_NODEPORTS, key, f"goto {ext_chain}", f"{spn} node port")
             if ext_verdict:
                 element(N.NO_ENDPOINT_NODEPORTS, key, ext_verdict, f"{spn} has {ext_reason}")
-        if info.load_balancer_source_ranges and info.load_balancer_ips:
+        if plan.source_ranges and info.load_balancer_ips:
             drop = _comment(f"{spn} source not in loadBalancerSourceRanges")
             chains.append(
-                (fw_chain, (f"{ip} saddr != {_cidrs(info.load_balancer_source_ranges)} drop {drop}",))
+                (fw_chain, (f"{ip} saddr != {_cidrs(plan.source_ranges)} drop {drop}",))
             )
             for addr in info.load_balancer_ips:
                 element(N.FIREWALL_IPS, _key(addr, proto, info.port), f"goto {fw_chain}", f"{spn}")
@@ -266,6 +269,10 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         f"ct state new fib daddr type local {ports} @{N.NO_ENDPOINT_NODEPORTS}",
     )
     no_ep_services = f"ct state new {lookup} @{N.NO_ENDPOINT_SERVICES}"
+    cluster_ips_check = f"ct state new jump {N.CLUSTER_IPS_CHECK}"
+    check = [f"{ip} daddr @{N.CLUSTER_IPS} reject {_comment('no such port on this cluster IP')}"]
+    if node.service_cidrs:
+        check.append(f"{ip} daddr {_cidrs(node.service_cidrs)} drop {_comment('no Service holds this address')}")
     # An endpoint that reached itself through a service: masquerade it (iptables marks this in
     # the endpoint chain; here the DNATed addresses are checked after nat, before forward/output).
     hairpin = f"ct state new ct status dnat {ip} saddr . {ip} daddr @{N.HAIRPIN} jump {N.MARK_MASQ}"
@@ -277,6 +284,7 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
             "masquerade fully-random",
         ),
         N.REJECT: ("reject",),
+        N.CLUSTER_IPS_CHECK: tuple(check),
         N.SERVICES: (f"{lookup} @{N.SERVICE_IPS}", nodeports),
         N.NAT_PREROUTING: (f"jump {N.SERVICES}",),
         N.NAT_OUTPUT: (f"jump {N.SERVICES}",),
@@ -287,14 +295,15 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         N.FILTER_FORWARD: (
             *no_ep_external,
             no_ep_services,
+            cluster_ips_check,
             hairpin,
             f"meta mark & {N.MASQ_MARK} == {N.MASQ_MARK} accept",
             "ct state established,related accept",
         ),
-        N.FILTER_OUTPUT: (no_ep_services, hairpin),
+        N.FILTER_OUTPUT: (no_ep_services, cluster_ips_check, hairpin),
     }
     out: list[tuple[str, str, tuple[str, ...]]] = [
-        (name, "", rules[name]) for name in (N.MARK_MASQ, N.MASQUERADING, N.REJECT, N.SERVICES)
+        (name, "", rules[name]) for name in (N.MARK_MASQ, N.MASQUERADING, N.REJECT, N.CLUSTER_IPS_CHECK, N.SERVICES)
     ]
     for name, typ, hook, prio in N.BASE_CHAINS:
         out.append((name, f" {{ type {typ} hook {hook} priority {prio} ; }}", rules[name]))
@@ -308,7 +317,10 @@ def node_sets(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ...]
     """Node-wide named sets this node needs: (name, extra flags, members)."""
     out: list[tuple[str, str, tuple[str, ...]]] = []
     if node.nodeport_ips is not None:
-        out.append((N.NODEPORT_IPS, "", tuple(node.nodeport_ips)))
+        # never loopback: a DNAT from 127.0.0.1 is black-holed (route_localnet off), and kube-proxy's
+        # nftables mode serves no localhost NodePorts either
+        out.append((N.NODEPORT_IPS, "", tuple(ip for ip in node.nodeport_ips
+                                               if not ipaddress.ip_address(ip).is_loopback)))
     cidrs = collapse(node.cluster_cidrs)
     if len(cidrs) > 1:
         out.append((N.CLUSTER_CIDRS, " flags interval ;", tuple(cidrs)))
@@ -332,6 +344,7 @@ def _key_type(family: int, key: str) -> str:
         "addr.proto.port": f"{addr} . inet_proto . inet_service",
         "proto.port": "inet_proto . inet_service",
         "addr.addr": f"{addr} . {addr}",
+        "addr": addr,
     }[key]
 
 
