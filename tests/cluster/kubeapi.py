@@ -39,6 +39,7 @@ COLLECTIONS: dict[str, tuple[str, bool]] = {
     "Pod": ("/api/v1/namespaces/{ns}/pods", True),
     "Node": ("/api/v1/nodes", False),
     "EndpointSlice": ("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", True),
+    "ServiceCIDR": ("/apis/networking.k8s.io/v1/servicecidrs", False),
     "DaemonSet": ("/apis/apps/v1/namespaces/{ns}/daemonsets", True),
     "Deployment": ("/apis/apps/v1/namespaces/{ns}/deployments", True),
     "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1/clusterroles", False),

@@ -1,5 +1,6 @@
-"""Side by side with the reference: upstream kube-proxy (iptables mode) on node ref-kp and
-kube-proxy-agent (each mode in turn) on node ref-kpa, the same API state, the same scenarios, the same
+"""Side by side with the reference: upstream kube-proxy on node ref-kp (in the agent's mode where
+kube-proxy has it here: iptables, nftables; otherwise iptables) and kube-proxy-agent (each mode in
+turn) on node ref-kpa, the same API state, the same scenarios, the same
 connections; the normalised results must be equal (or the difference documented in DOCUMENTED).
 
 Placement is symmetric (every workload has one pod on each node), so results are written relative
@@ -39,11 +40,7 @@ pytestmark = pytest.mark.e2e
 NS = "reference"
 KP, KPA = "kube-proxy", "kube-proxy-agent"
 # scenario title -> why kube-proxy-agent deliberately differs (README "Known differences")
-DOCUMENTED = {
-    "NodePort via 127.0.0.1 from the node itself":
-        "kube-proxy serves NodePorts on localhost (--iptables-localhost-nodeports, route_localnet=1); "
-        "kube-proxy-agent does not (README: Known differences)",
-}
+DOCUMENTED: dict[str, str] = {}
 # mode -> scenario title -> why that mode differs by design (its README's known differences)
 DOCUMENTED_BY_MODE = {
     "ebpf": {
@@ -54,8 +51,16 @@ DOCUMENTED_BY_MODE = {
         "hairpin: the only endpoint calls its own Service":
             "the eBPF mode picks the backend at connect(): the pod connects to itself directly and sees its "
             "own address; kube-proxy masquerades hairpin traffic (README: eBPF known differences)",
+        "NodePort via 127.0.0.1 from the node itself":
+            "kube-proxy's iptables mode serves NodePorts on localhost (--iptables-localhost-nodeports, "
+            "route_localnet=1); the eBPF mode does not, as kube-proxy's nftables and ipvs modes (README)",
     },
 }
+
+
+def reference_mode(mode: str) -> str:
+    """kube-proxy's mode next to the agent's: the same where kube-proxy has it here."""
+    return mode if mode in ("iptables", "nftables") else "iptables"
 HTTP = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
 MULTI_PORTS = [("http", 8080, "TCP"), ("metrics", 9090, "TCP"), ("dns", 8080, "UDP")]
 
@@ -127,13 +132,13 @@ class Ref:
 
 @pytest.fixture(scope="module")
 def ref(harness: Harness, mode: str) -> Any:
-    """kube-proxy (always iptables) next to the agent in `mode`."""
+    """kube-proxy (in reference_mode(mode)) next to the agent in `mode`."""
     why = mode_unsupported(mode)
     if why:
         pytest.skip(f"{mode} mode not usable here: {why}")
     h = harness
     try:
-        kp = h.add_node("ref-kp", 3, proxy="kube-proxy")
+        kp = h.add_node("ref-kp", 3, proxy="kube-proxy", mode=reference_mode(mode))
         kpa = h.add_node("ref-kpa", 4, proxy="agent", mode=mode, peers=[kp])
         h.namespace(NS)
         clients = {x.name: h.create_pod(NS, f"client-{x.name}", x, {"role": "client"}, ports=[], serve=False)
@@ -253,6 +258,46 @@ def localhost_nodeport(r: Ref, x: SimNode) -> str:
     return r.many(lambda: ask(x.netns, "127.0.0.1", r.np("np"), timeout=1), x, 4)
 
 
+def unallocated_service_ip(r: Ref, x: SimNode) -> str:
+    """An address of the service CIDR that no Service holds: dropped by both nftables modes (a
+    ServiceCIDR object names the range), routed nowhere by the others; never answered."""
+    used = {str(ip) for s in r.h.api.get("/api/v1/services").get("items", [])
+            for ip in s["spec"].get("clusterIPs") or []}
+    ip = next(f"10.96.255.{n}" for n in range(254, 1, -1) if f"10.96.255.{n}" not in used)
+    return r.many(lambda: ask(r.clients[x.name].netns, ip, 80, timeout=1), x, 2)
+
+
+LB_FROM_NODE = "10.250.0.{}"  # the load-balancer IP of Service fw-<node>, added to that node's lo
+
+
+def lb_from_node(r: Ref, x: SimNode) -> str:
+    """With the LB IP on the node (a VIP-like load balancer), the node's own connection to it has
+    the LB IP as source; the node's address lies in loadBalancerSourceRanges, so both let it in."""
+    ip = LB_FROM_NODE.format(x.index)
+    sh("ip", "netns", "exec", x.netns, "ip", "addr", "add", f"{ip}/32", "dev", "lo")
+    try:
+        return r.many(lambda: ask(x.netns, ip, 80, timeout=1), x, 4)
+    finally:
+        sh("ip", "netns", "exec", x.netns, "ip", "addr", "del", f"{ip}/32", "dev", "lo")
+
+
+def behind_host_firewall(obs: Obs) -> Obs:
+    """The observation with the node's INPUT policy DROP (loopback and established traffic allowed,
+    as host firewalls do)."""
+    def run(r: Ref, x: SimNode) -> str:
+        ipt = ["ip", "netns", "exec", x.netns, "iptables"]
+        sh(*ipt, "-I", "INPUT", "-i", "lo", "-j", "ACCEPT")
+        sh(*ipt, "-I", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        sh(*ipt, "-P", "INPUT", "DROP")
+        try:
+            return obs(r, x)
+        finally:
+            sh(*ipt, "-P", "INPUT", "ACCEPT")
+            sh(*ipt, "-D", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+            sh(*ipt, "-D", "INPUT", "-i", "lo", "-j", "ACCEPT")
+    return run
+
+
 def from_pod_to_node_ip(svc_of: Callable[[Ref, SimNode], str]) -> Obs:
     return lambda r, x: r.many(lambda: ask(r.clients[x.name].netns, x.ip, r.np(svc_of(r, x)), timeout=1), x, 12)
 
@@ -261,6 +306,9 @@ STAGE1: list[tuple[str, Obs]] = [
     ("ClusterIP from a pod", from_client_pod("spread")),
     ("ClusterIP from the node itself", from_node("spread")),
     ("Service port that does not exist", from_client_pod("spread", 81, n=2)),
+    ("UDP to a TCP-only ClusterIP port", from_client_pod("spread", 80, "udp", n=2)),
+    ("address in the service CIDR that no Service holds", unallocated_service_ip),
+    ("loadBalancerSourceRanges holding the node: the node via the LB IP on its lo", lb_from_node),
     ("no endpoints (selector matches nothing): from a pod", fast(from_client_pod("empty", n=2))),
     ("no endpoints: from the node itself", fast(lambda r, x: r.many(lambda: ask(x.netns, r.ip("empty"), 80), x, 2))),
     ("NodePort from outside via this node", from_outside_nodeport(lambda r, x: "np")),
@@ -273,6 +321,7 @@ STAGE1: list[tuple[str, Obs]] = [
      lambda r, x: from_client_pod(remote_svc(r, x), n=8)(r, x)),
     ("healthCheckNodePort, endpoint on this node", health(local_svc)),
     ("healthCheckNodePort, endpoint on the other node", health(remote_svc)),
+    ("healthCheckNodePort through a host firewall (INPUT policy DROP)", behind_host_firewall(health(local_svc))),
     ("internalTrafficPolicy Local from a pod", from_client_pod("itp")),
     ("sessionAffinity ClientIP from a pod", affinity),
     ("named targetPort (8080 in some pods, 9090 in others)", from_client_pod("named", n=24)),
@@ -313,6 +362,12 @@ def stage1_objects(r: Ref) -> None:
         s = r.suffix(x)
         r.svc(f"local-{s}", selector={"app": f"local-{s}"}, type="LoadBalancer", externalTrafficPolicy="Local")
     r.svc("itp", selector={"app": "spread"}, internalTrafficPolicy="Local")
+    ranges = [f"{r.kp.ip}/32", f"{r.kpa.ip}/32"]
+    for x in (r.kp, r.kpa):
+        name = f"fw-{r.suffix(x)}"
+        r.svc(name, selector={"app": "spread"}, type="LoadBalancer", loadBalancerSourceRanges=ranges)
+        r.h.api.patch(r.h.service_path(NS, name) + "/status",
+                      {"status": {"loadBalancer": {"ingress": [{"ip": LB_FROM_NODE.format(x.index)}]}}})
     r.svc("aff", selector={"app": "spread"}, sessionAffinity="ClientIP")
     r.svc("named", [{"name": "http", "port": 80, "targetPort": "web"}], {"app": "named"})
     r.svc("multi", [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
@@ -433,7 +488,7 @@ def test_side_by_side_with_upstream_kube_proxy(ref: Ref) -> None:
     w = max(len(t) for t, _, _ in rows)
     wa = max(len(a) for _, a, _ in [*rows, ("", KP, "")])
     wb = max(len(b) for _, _, b in [*rows, ("", "", KPA)])
-    lines = [f"side by side: upstream kube-proxy v1.37 iptables (node ref-kp) vs kube-proxy-agent {r.kpa.mode} "
+    lines = [f"side by side: upstream kube-proxy v1.37 {r.kp.mode} (node ref-kp) vs kube-proxy-agent {r.kpa.mode} "
              "(node ref-kpa)",
              f"| {'scenario':<{w}} | {KP:<{wa}} | {KPA:<{wb}} | verdict |",
              f"|{'-' * (w + 2)}|{'-' * (wa + 2)}|{'-' * (wb + 2)}|---------|"]

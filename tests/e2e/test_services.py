@@ -428,3 +428,37 @@ def test_agent_posts_events_about_its_node(k: Kit) -> None:
     assert "previous rules stay" in failed[0]["note"], failed[0]
     assert not _has_event(k, n2, "Warning", "SyncFailed", since)
     k.until_not_answered("events: deleted Service stops answering", now(), lambda: k.from_pod(n1, ip, 80, timeout=0.3))
+
+
+def test_service_cidrs_from_the_api_close_unallocated_addresses(k: Kit) -> None:
+    """Issue 14 items 4 and 5 (nftables, as kube-proxy's nftables mode): the agent reads the
+    ServiceCIDR objects the API server serves (its default one from --service-cluster-ip-range, and
+    any added), and its table drops traffic to addresses of them that no Service holds; a cluster
+    IP on a port its Service lacks is refused at once. Other modes: the ServiceCIDR watch works
+    (the agent lists them), nothing else changes."""
+    n1 = k.c.n1
+    p = k.pod("web-a", n1)
+    ip = cluster_ip(k.service("web", selector={"app": "web"}))
+    k.until_answered_by("Service answers", now(), lambda: k.from_pod(n1, ip, 80, timeout=0.3), {p.name},
+                        record=False)
+    if n1.mode != "nftables":
+        return
+
+    def check_chain(node: SimNode) -> str:
+        return sh("ip", "netns", "exec", node.netns, "nft", "list", "chain", "ip", "kube-proxy-agent",
+                  "cluster-ips-check")
+    for node in (k.c.n1, k.c.n2):
+        assert "ip daddr 10.96.0.0/16 drop" in check_chain(node), check_chain(node)
+        start = time.monotonic()
+        assert k.from_pod(node, ip, 81, timeout=3) == "REFUSED"
+        assert time.monotonic() - start < 1.0
+    extra = f"e2e-{k.ns}"
+    k.h.api.create({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": extra},
+                    "spec": {"cidrs": ["10.97.0.0/16"]}})
+    try:
+        wait_until(lambda: "10.97.0.0/16" in check_chain(n1) or "10.96.0.0/15" in check_chain(n1), 30, 0.2,
+                   "the new ServiceCIDR in the node's table")
+    finally:
+        k.h.api.delete(f"/apis/networking.k8s.io/v1/servicecidrs/{extra}")
+    wait_until(lambda: "10.96.0.0/15" not in check_chain(n1) and "10.97.0.0/16" not in check_chain(n1), 60, 0.2,
+               "the deleted ServiceCIDR gone from the node's table")

@@ -94,8 +94,13 @@ def test_node_port_external_ip_and_load_balancer(node: Node) -> None:
         answers = node.answers(ip, port, n=12)
         assert who(answers) <= {"pod-a", "pod-r"} and "TIMEOUT" not in answers, (ip, answers)
         assert {a.split()[1] for a in answers} == {NODE_BR}  # ETP Cluster masquerades
-    # The node's own loopback is not a NodePort address.
-    assert probe(node.node, "127.0.0.1", 30080, timeout=1) in ("REFUSED", "TIMEOUT")
+    # 127.0.0.1 takes NodePorts only in iptables mode (kube-proxy's --iptables-localhost-nodeports,
+    # on by default); elsewhere loopback is left alone: nothing listens there, so refused at once.
+    local = probe(node.node, "127.0.0.1", 30080, timeout=2)
+    if node.mode == "iptables":
+        assert local.split()[0] in {"pod-a", "pod-r"}, local
+    else:
+        assert local in ("REFUSED", "TIMEOUT") if node.mode == "ebpf" else local == "REFUSED", local
 
 
 def test_load_balancer_source_ranges(node: Node) -> None:
@@ -107,6 +112,69 @@ def test_load_balancer_source_ranges(node: Node) -> None:
     ])
     assert node.probe("10.20.0.7", 80).startswith("pod-b")
     assert node.probe("10.20.0.7", 80, src_ip=CLIENT2, timeout=1) == "TIMEOUT"
+
+
+def test_load_balancer_ip_as_source_when_the_node_is_in_the_source_ranges(node: Node) -> None:
+    """Issue 14 items 1 and 6: when a node address lies in loadBalancerSourceRanges, kube-proxy also
+    lets through sources that are the Service's own load-balancer IPs. With the LB IP on the node,
+    the node's own connection to it leaves with the LB IP as its source."""
+    ips, other = node.cluster_ip(), node.cluster_ip()
+    node.lab.exec(node.node, "ip", "addr", "add", "10.20.0.8/32", "dev", "lo")
+    node.lab.exec(node.node, "ip", "addr", "add", "10.20.0.9/32", "dev", "lo")
+    try:
+        node.apply("fwnode", [
+            service("fwnode", ips[0], HTTP, type="LoadBalancer", loadBalancerSourceRanges=[f"{NODE_EXT}/32"],
+                    status={"loadBalancer": {"ingress": [{"ip": "10.20.0.8"}]}}),
+            slice_("fwnode-1", "fwnode", [endpoint("pod-b")], EP_HTTP),
+            # the control: a range without a node address keeps the LB IP out
+            service("fwother", other[0], HTTP, type="LoadBalancer", loadBalancerSourceRanges=[f"{CLIENT}/32"],
+                    status={"loadBalancer": {"ingress": [{"ip": "10.20.0.9"}]}}),
+            slice_("fwother-1", "fwother", [endpoint("pod-b")], EP_HTTP),
+        ])
+        assert probe(node.node, "10.20.0.8", 80, timeout=2).startswith("pod-b")
+        assert node.probe("10.20.0.8", 80, timeout=1) == "TIMEOUT"  # the client is not in the range
+        if node.mode != "ebpf":  # connect() from the node picks a backend before any firewall
+            assert probe(node.node, "10.20.0.9", 80, timeout=1) == "TIMEOUT"
+        assert node.probe("10.20.0.9", 80).startswith("pod-b")
+    finally:
+        node.lab.exec(node.node, "ip", "addr", "del", "10.20.0.8/32", "dev", "lo")
+        node.lab.exec(node.node, "ip", "addr", "del", "10.20.0.9/32", "dev", "lo")
+        node.remove("fwnode")
+
+
+def test_cluster_ip_on_a_port_it_does_not_have(node: Node) -> None:
+    """Issue 14 items 4 and 5, the nftables mode as kube-proxy's: a cluster IP on a port or protocol
+    the Service lacks is rejected (refused at once, not a timeout); an address of the service CIDR
+    (a ServiceCIDR object) that no Service holds is dropped."""
+    ips = node.cluster_ip()
+    node.apply("ports", [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+         "spec": {"cidrs": ["10.96.0.0/16", "fd00:96::/64"]}},
+        service("ports", ips[0], HTTP),
+        slice_("ports-1", "ports", [endpoint("pod-a")], EP_HTTP),
+    ])
+    # an unallocated service address that something on the network answers (pod-c holds it):
+    # without the check, traffic to it would be routed there
+    pod_c = node.pods["pod-c"]
+    node.lab.exec(pod_c, "ip", "addr", "add", "10.96.0.250/32", "dev", "eth0")
+    node.lab.exec(node.node, "ip", "route", "add", "10.96.0.250/32", "via", PODS["pod-c"][0], "dev", "br0")
+    try:
+        assert node.probe(ips[0], 80).startswith("pod-a")
+        if node.mode == "iptables":  # kube-proxy's iptables mode has no such checks
+            assert node.probe("10.96.0.250", 8080).startswith("pod-c")
+        if node.mode != "nftables":
+            return
+        start = time.monotonic()
+        assert node.probe(ips[0], 9090, timeout=3) == "REFUSED"
+        assert node.probe(ips[0], 80, "udp", timeout=3) == "REFUSED"
+        assert node.probe(ips[0], 9090, src="pod-b", timeout=3) == "REFUSED"
+        assert time.monotonic() - start < 2.5
+        assert node.probe("10.96.0.250", 8080, timeout=1) == "TIMEOUT"
+        assert node.probe("10.96.0.250", 8080, src="pod-b", timeout=1) == "TIMEOUT"
+    finally:
+        node.lab.exec(node.node, "ip", "route", "del", "10.96.0.250/32")
+        node.lab.exec(pod_c, "ip", "addr", "del", "10.96.0.250/32", "dev", "eth0")
+        node.remove("ports")
 
 
 def test_session_affinity_client_ip(node: Node) -> None:

@@ -8,12 +8,13 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 import time
 
-from tests.kernel.conftest import AGENT, NODE_EXT, Node, endpoint, fresh_node, service, slice_
+from tests.kernel.conftest import AGENT, CLIENT, NODE_BR, NODE_EXT, Node, endpoint, fresh_node, service, slice_
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
-from tests.netlab import wait_for, who
+from tests.netlab import probe, wait_for, who
 from tests.uml import in_uml
 
 UDP53 = [{"name": "dns", "port": 53, "protocol": "UDP"}]
@@ -376,3 +377,48 @@ def test_health_check_node_port_answers_through_a_host_firewall(mode: str) -> No
         except OSError:
             reached = False
         assert not reached, "the firewall let the health check through without our rule: the test proves nothing"
+
+
+def test_localhost_node_ports_and_their_guard(mode: str) -> None:
+    """Issue 14 item 2 (iptables): NodePorts on 127.0.0.1 as kube-proxy serves them by default
+    (route_localnet=1), with its CVE-2020-8558 guard: a neighbour that routes 127.0.0.0/8 to the
+    node reaches nothing listening on the node's loopback. With --iptables-localhost-nodeports=false
+    loopback is left alone: refused at once, never a black hole."""
+    if mode != "iptables":
+        return  # kube-proxy serves localhost NodePorts in its iptables mode only
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30095, "protocol": "TCP"}]
+    with fresh_node(mode) as n:
+        ips = n.cluster_ip()
+        n.apply("lh", [service("lh", ips[0], ports, type="NodePort"),
+                       slice_("lh-1", "lh", [endpoint("pod-a")], EP_HTTP)])
+        assert probe(n.node, "127.0.0.1", 30095, timeout=2) == f"pod-a {NODE_BR}"
+        assert n.lab.exec(n.node, "sysctl", "-n", "net.ipv4.conf.all.route_localnet").strip() == "1"
+        # a neighbour (the client) that routes 127.0.0.0/8 to the node, and a UDP service on the
+        # node's loopback: route_localnet=1 alone would deliver the neighbour's datagrams to it
+        n.lab.exec(n.client, "ip", "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local")
+        n.lab.exec(n.client, "ip", "route", "del", "local", "127.0.0.0/8", "dev", "lo", "table", "local", check=False)
+        n.lab.sysctl(n.client, "net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.eth0.route_localnet=1")
+        n.lab.exec(n.client, "ip", "route", "add", "127.0.0.1/32", "via", NODE_EXT, "src", CLIENT)
+
+        def neighbour_reaches_loopback() -> bool:
+            listener = subprocess.Popen(
+                ["ip", "netns", "exec", n.node, sys.executable, "-c",
+                 "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                 "s.bind(('127.0.0.1', 18099)); print('ready', flush=True); s.settimeout(2); "
+                 "print(s.recvfrom(64)[0].decode(), flush=True)"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+            n.lab.exec(n.client, sys.executable, "-c",
+                       "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                       ".sendto(b'probe', ('127.0.0.1', 18099))")
+            out, _ = listener.communicate(timeout=10)
+            return out.strip() == "probe"
+        assert not neighbour_reaches_loopback()
+        n.lab.exec(n.node, "iptables", "-F", "KPA-LOCALNET")
+        assert neighbour_reaches_loopback(), "delivered without the guard, or the test proves nothing"
+    with fresh_node(mode, ["--iptables-localhost-nodeports=false"]) as n:
+        ips = n.cluster_ip()
+        n.apply("lh", [service("lh", ips[0], ports, type="NodePort"),
+                       slice_("lh-1", "lh", [endpoint("pod-a")], EP_HTTP)])
+        assert probe(n.node, "127.0.0.1", 30095, timeout=2) == "REFUSED"
+        assert probe(n.node, NODE_EXT, 30095, timeout=2) == f"pod-a {NODE_BR}"
