@@ -54,6 +54,9 @@ DOCUMENTED_BY_MODE = {
         "NodePort via 127.0.0.1 from the node itself":
             "kube-proxy's iptables mode serves NodePorts on localhost (--iptables-localhost-nodeports, "
             "route_localnet=1); the eBPF mode does not, as kube-proxy's nftables and ipvs modes (README)",
+        "healthCheckNodePort through a host firewall (INPUT policy DROP)":
+            "the eBPF mode adds no filter rule accepting health check node ports; a host firewall must "
+            "allow them itself (README: eBPF known differences)",
     },
 }
 
@@ -276,7 +279,7 @@ def lb_from_node(r: Ref, x: SimNode) -> str:
     ip = LB_FROM_NODE.format(x.index)
     sh("ip", "netns", "exec", x.netns, "ip", "addr", "add", f"{ip}/32", "dev", "lo")
     try:
-        return r.many(lambda: ask(x.netns, ip, 80, timeout=1), x, 4)
+        return r.many(lambda: ask(x.netns, ip, 80, timeout=1), x, 10)
     finally:
         sh("ip", "netns", "exec", x.netns, "ip", "addr", "del", f"{ip}/32", "dev", "lo")
 
