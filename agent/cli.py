@@ -26,6 +26,7 @@ from agent.config import (
     parse_bind,
     parse_cidrs,
     parse_duration,
+    parse_nodeport_addresses,
     parse_setting,
     validate,
 )
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--hostname-override", help="this node's name (default: the hostname)")
     a("--cluster-cidr", help="pod CIDRs, comma separated; traffic from outside is masqueraded")
     a("--masquerade-all", action="store_true", default=None, help="SNAT all service traffic")
-    a("--nodeport-addresses", help="CIDRs whose local addresses take NodePorts (default: all)")
+    a("--nodeport-addresses", help="CIDRs whose local addresses take NodePorts, or 'primary' (the node's "
+      "primary IPs from its Node object); default: the mode's, as kube-proxy's (all addresses, or primary)")
     a("--metrics-bind-address", help="HOST:PORT for /metrics (default 127.0.0.1:10249)")
     a("--healthz-bind-address", help="HOST:PORT for /healthz and /livez (default 0.0.0.0:10256)")
     a("--sync-period", help="full resync interval (default 30s)")
@@ -87,7 +89,7 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
         "hostname_override": ns.hostname_override,
         "cluster_cidrs": parse_cidrs(ns.cluster_cidr, "--cluster-cidr") if ns.cluster_cidr else None,
         "masquerade_all": ns.masquerade_all,
-        "nodeport_addresses": (parse_cidrs(ns.nodeport_addresses, "--nodeport-addresses")
+        "nodeport_addresses": (parse_nodeport_addresses(ns.nodeport_addresses, "--nodeport-addresses")
                                if ns.nodeport_addresses else None),
         "metrics_bind_address": ns.metrics_bind_address,
         "healthz_bind_address": ns.healthz_bind_address,
@@ -121,7 +123,8 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
 
 
 def _model(cfg: AgentConfig, frontends: bool = False) -> ClusterModel:
-    return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, cfg.nodeport_addresses,
+    nodeports = cfg.nodeport_addresses or registry.spec(cfg.proxy_mode).default_nodeport_addresses
+    return ClusterModel(cfg.hostname_override, cfg.cluster_cidrs, cfg.masquerade_all, nodeports,
                         frontends=frontends or registry.spec(cfg.proxy_mode).frontends)
 
 

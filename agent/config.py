@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent.model.state import PRIMARY
+
 if TYPE_CHECKING:
     from agent.backends.base import Setting
 
@@ -58,12 +60,22 @@ def parse_duration(text: str | int | float, what: str) -> float:
     return total
 
 
+
+
+def parse_nodeport_addresses(text: str | list[str], what: str) -> tuple[str, ...]:
+    """CIDRs, or ("primary",) alone, as kube-proxy takes --nodeport-addresses."""
+    items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
+    if any(str(i).strip() == PRIMARY for i in items):
+        if len(items) != 1:
+            raise ConfigError(f"{what}: 'primary' cannot be combined with CIDRs; give one or the other")
+        return (PRIMARY,)
+    return parse_cidrs(items, what)
+
+
 def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
     items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
     out = []
     for item in items:
-        if item.strip() == "primary":
-            continue  # kube-proxy's "primary node IPs" default: treated as every local address
         try:
             if "/" not in item:
                 raise ValueError("no prefix length")
@@ -132,7 +144,7 @@ def from_config_file(doc: dict[str, Any], settings: Iterable[Setting] = ()) -> d
     if doc.get("healthzBindAddress"):
         out["healthz_bind_address"] = doc["healthzBindAddress"]
     if doc.get("nodePortAddresses"):
-        out["nodeport_addresses"] = parse_cidrs(doc["nodePortAddresses"], "nodePortAddresses")
+        out["nodeport_addresses"] = parse_nodeport_addresses(doc["nodePortAddresses"], "nodePortAddresses")
     ipt = doc.get("iptables") or {}
     if "masqueradeAll" in ipt:
         out["masquerade_all"] = bool(ipt["masqueradeAll"])

@@ -112,6 +112,8 @@ class ModeSpec:
     # interfaces the mode creates and fills with service addresses: not this node's own addresses
     owned_links: tuple[str, ...] = ()
     frontends: bool = False  # the mode reads DesiredState.frontends (the model keeps it only then)
+    # --nodeport-addresses when none is given (kube-proxy's nftables mode: "primary")
+    default_nodeport_addresses: tuple[str, ...] = ()
     built: bool = True  # False: listed, but check_supported() says it is not in this release
 
     def options(self, families: tuple[int, ...], given: Mapping[str, Any],

@@ -24,7 +24,10 @@ from agent.model.tracker import ChangeTracker
 FAMILIES = (4, 6)
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-__all__ = ["FAMILIES", "ClusterModel", "NodeInfo", "StaleFlow", "Update"]
+# --nodeport-addresses primary: the node's primary IPs (from its Node object)
+PRIMARY = "primary"
+
+__all__ = ["FAMILIES", "PRIMARY", "ClusterModel", "NodeInfo", "StaleFlow", "Update"]
 
 
 @dataclass(slots=True)
@@ -51,6 +54,9 @@ class Update:
 class NodeInfo:
     zone: str = ""
     deleting: bool = False
+    # the node's primary IP per family (its first InternalIP, else ExternalIP, of that family), kept
+    # only with --nodeport-addresses primary
+    primary_ips: tuple[str, ...] = ()
 
 
 class ClusterModel:
@@ -70,7 +76,9 @@ class ClusterModel:
         self.with_frontends = frontends
         self._cidrs = tuple(cluster_cidrs)
         self._masquerade_all = masquerade_all
-        self._nodeport_cidrs = tuple(nodeport_cidrs)
+        # --nodeport-addresses: CIDRs, or "primary" (the node's primary IPs, from its Node object)
+        self._nodeport_primary = PRIMARY in tuple(nodeport_cidrs)
+        self._nodeport_cidrs = tuple(c for c in nodeport_cidrs if c != PRIMARY)
         self._local_ips: tuple[str, ...] = ()
         # this node's addresses per family, but loopback: a load-balancer source range holding one
         # lets the Service's own load-balancer IPs through as sources (ServicePlan.source_ranges)
@@ -116,7 +124,8 @@ class ClusterModel:
     def on_node(self, node: Node | None) -> None:
         info = NodeInfo()
         if node is not None:
-            info = NodeInfo(node.metadata.labels.get(ZONE_LABEL, ""), node.metadata.deletion_timestamp is not None)
+            info = NodeInfo(node.metadata.labels.get(ZONE_LABEL, ""), node.metadata.deletion_timestamp is not None,
+                            _primary_ips(node) if self._nodeport_primary else ())
         if info != self._node:
             self._node = info
             self._node_dirty = True
@@ -127,7 +136,7 @@ class ClusterModel:
         new = tuple(sorted(ips))
         if new != self._local_ips:
             self._local_ips = new
-            if self._nodeport_cidrs:
+            if self._nodeport_cidrs or self._nodeport_primary:
                 self._node_dirty = True
             addrs = [a for a in (_address(ip) for ip in new) if a is not None and not a.is_loopback]
             by_family = {f: tuple(a for a in addrs if a.version == f) for f in FAMILIES}
@@ -166,10 +175,17 @@ class ClusterModel:
 
     # -- outputs --------------------------------------------------------------------------
 
+    def _nodeport_nets(self) -> tuple[str, ...]:
+        """--nodeport-addresses as CIDRs: "primary" is the node's primary IPs (a family without
+        one takes NodePorts on every address, as kube-proxy)."""
+        if self._nodeport_primary:
+            return tuple(f"{ip}/{32 if ':' not in ip else 128}" for ip in self._node.primary_ips)
+        return self._nodeport_cidrs
+
     def _context(self, family: int) -> NodeContext:
         fam_cidrs = tuple(c for c in self._cidrs if ipaddress.ip_network(c, strict=False).version == family)
         nodeport_ips: tuple[str, ...] | None = None
-        nets = [n for n in (ipaddress.ip_network(c, strict=False) for c in self._nodeport_cidrs)
+        nets = [n for n in (ipaddress.ip_network(c, strict=False) for c in self._nodeport_nets())
                 if n.version == family]
         if nets:  # a family without CIDRs of its own keeps NodePorts on every address (kube-proxy)
             nodeport_ips = tuple(
@@ -228,7 +244,7 @@ class ClusterModel:
                 continue
             state = self.desired[fam]
             fronts = state.frontends.set_node_addresses(
-                nodeport_addresses(fam, self._local_ips, self._nodeport_cidrs))
+                nodeport_addresses(fam, self._local_ips, self._nodeport_nets()))
             for spn in changed:
                 fronts |= state.frontends.set_port(spn, state.services.get(spn))
             update.frontends[fam] = frozenset(fronts)
@@ -280,6 +296,18 @@ class ClusterModel:
             return False
         nets = [ipaddress.ip_network(c, strict=False) for c in info.load_balancer_source_ranges]
         return any(a in n for a in self._node_addrs[info.family] for n in nets if n.version == a.version)
+
+
+def _primary_ips(node: Node) -> tuple[str, ...]:
+    """The node's primary IP per family as kube-proxy picks it: the first InternalIP of the family,
+    else the first ExternalIP; never loopback."""
+    out: dict[int, str] = {}
+    for kind in ("InternalIP", "ExternalIP"):
+        for a in node.status.addresses:
+            addr = _address(a.address) if a.type == kind else None
+            if addr is not None and not addr.is_loopback and addr.version not in out:
+                out[addr.version] = str(addr)
+    return tuple(out[f] for f in sorted(out))
 
 
 def _address(ip: str) -> Address | None:

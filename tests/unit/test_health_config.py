@@ -21,6 +21,7 @@ from agent.config import (
     parse_bind,
     parse_cidrs,
     parse_duration,
+    parse_nodeport_addresses,
     validate,
 )
 from agent.health import HealthCheckService, ProxyHealth, ServiceHealthServers, health_responder
@@ -220,12 +221,20 @@ def test_parse_duration_rejects(text: str) -> None:
         ("10.244.0.0/16", ("10.244.0.0/16",)),
         ("10.244.0.0/16,fd00:244::/48", ("10.244.0.0/16", "fd00:244::/48")),
         (" 10.244.1.7/16 , ", ("10.244.0.0/16",)),  # host bits dropped, blanks ignored
-        (["192.168.0.0/16", "primary"], ("192.168.0.0/16",)),  # kube-proxy's "primary" means all addresses
         ("", ()),
     ],
 )
 def test_parse_cidrs(text: str | list[str], cidrs: tuple[str, ...]) -> None:
     assert parse_cidrs(text, "--cluster-cidr") == cidrs
+
+
+def test_nodeport_addresses_take_primary_alone() -> None:
+    """As kube-proxy: CIDRs, or the single word "primary" (the node's primary IPs), never both."""
+    assert parse_nodeport_addresses("primary", "--nodeport-addresses") == ("primary",)
+    assert parse_nodeport_addresses(["primary"], "nodePortAddresses") == ("primary",)
+    assert parse_nodeport_addresses("10.0.0.0/8", "--nodeport-addresses") == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError, match="'primary' cannot be combined with CIDRs"):
+        parse_nodeport_addresses(["192.168.0.0/16", "primary"], "nodePortAddresses")
 
 
 def test_parse_cidrs_rejects() -> None:

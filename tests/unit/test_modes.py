@@ -119,3 +119,10 @@ def test_cleanup_of_many_chains_is_batched_jumps_first_then_flush_then_delete() 
                             "*nat\n:KPA-C2 - [0:0]\n:KPA-C3 - [0:0]\nCOMMIT\n", "*nat\n:KPA-C4 - [0:0]\nCOMMIT\n"]
     assert batches[4:] == ["*nat\n-X KPA-C0\n-X KPA-C1\nCOMMIT\n", "*nat\n-X KPA-C2\n-X KPA-C3\nCOMMIT\n",
                            "*nat\n-X KPA-C4\nCOMMIT\n"]
+
+
+def test_nftables_mode_defaults_to_primary_node_port_addresses() -> None:
+    """kube-proxy's nftables mode takes NodePorts on the node's primary IPs unless
+    --nodeport-addresses says otherwise; the other modes on every address."""
+    assert registry.spec("nftables").default_nodeport_addresses == ("primary",)
+    assert all(registry.spec(m).default_nodeport_addresses == () for m in ("iptables", "ipvs", "ebpf"))

@@ -578,3 +578,32 @@ def test_node_in_load_balancer_source_ranges_follows_the_node_addresses() -> Non
     assert c.model.desired[4].services[spn("lb")].source_ranges == ("192.168.0.0/16", "203.0.113.7/32")
     fronts = c.model.desired[4].frontends.of_port(spn("lb"))
     assert [f.source_ranges for f in fronts if f.kind == "LoadBalancerIP"] == [("192.168.0.0/16", "203.0.113.7/32")]
+
+
+def test_nodeport_addresses_primary_follows_the_node_object() -> None:
+    """--nodeport-addresses primary (kube-proxy's default in nftables mode): NodePorts only on the
+    node's primary IP per family, its first InternalIP (else ExternalIP) from the Node object; a
+    family without one takes every address; a changed address is a node-wide change."""
+    c = Cluster(nodeport_cidrs=["primary"])
+    c.model.set_local_ips(["10.0.0.5", "192.168.1.10", "fd00::5", "127.0.0.1"])
+    meta = {"name": NODE}
+    c.apply({"kind": "Node", "metadata": meta, "status": {"addresses": [
+        {"type": "Hostname", "address": NODE}, {"type": "ExternalIP", "address": "10.0.0.5"},
+        {"type": "InternalIP", "address": "192.168.1.10"}]}})
+    assert c.drain().full
+    assert c.model.desired[4].node.nodeport_ips == ("192.168.1.10",)
+    assert c.model.desired[6].node.nodeport_ips is None
+    c.apply({"kind": "Node", "metadata": meta, "status": {"addresses": [
+        {"type": "ExternalIP", "address": "10.0.0.5"}, {"type": "InternalIP", "address": "fd00::5"}]}})
+    assert c.drain().full
+    assert c.model.desired[4].node.nodeport_ips == ("10.0.0.5",)
+    assert c.model.desired[6].node.nodeport_ips == ("fd00::5",)
+    # without "primary" the Node's addresses do not matter (no full sync when they change)
+    plain = Cluster()
+
+    def node_at(ip: str) -> dict[str, Any]:
+        return {"kind": "Node", "metadata": meta, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+    plain.apply(node_at("10.0.0.7"))
+    plain.drain()
+    plain.apply(node_at("10.0.0.8"))
+    assert not plain.drain().full

@@ -15,4 +15,6 @@ SPEC = ModeSpec(
     name="nftables",
     summary="one kube-proxy-agent table per family, verdict maps, one transaction per sync",
     factory=_make,
+    # kube-proxy's nftables mode takes NodePorts only on the node's primary IPs unless told otherwise
+    default_nodeport_addresses=("primary",),
 )

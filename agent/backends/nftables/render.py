@@ -264,9 +264,11 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         nodeports = f"{ip} daddr != {node.loopback} fib daddr type local {ports} @{N.SERVICE_NODEPORTS}"
     else:
         nodeports = f"{ip} daddr @{N.NODEPORT_IPS} {ports} @{N.SERVICE_NODEPORTS}"
+    # node ports without endpoints: refused on the addresses that take node ports, and only there
+    np_addrs = "fib daddr type local" if node.nodeport_ips is None else f"{ip} daddr @{N.NODEPORT_IPS}"
     no_ep_external = (
         f"ct state new {lookup} @{N.NO_ENDPOINT_EXTERNAL}",
-        f"ct state new fib daddr type local {ports} @{N.NO_ENDPOINT_NODEPORTS}",
+        f"ct state new {np_addrs} {ports} @{N.NO_ENDPOINT_NODEPORTS}",
     )
     no_ep_services = f"ct state new {lookup} @{N.NO_ENDPOINT_SERVICES}"
     cluster_ips_check = f"ct state new jump {N.CLUSTER_IPS_CHECK}"
