@@ -48,6 +48,9 @@ DOCUMENTED_BY_MODE = {
             "the eBPF mode connects a pod's socket to the backend itself, so nothing is masqueraded: the "
             "backend sees the pod (kube-proxy DNATs and masquerades NodePort traffic) (README: eBPF known "
             "differences)",
+        "NodePort from a pod via the node's bridge address (not its primary IP)":
+            "as the row above: the eBPF mode connects the pod's socket to the backend, unmasqueraded "
+            "(README: eBPF known differences)",
         "hairpin: the only endpoint calls its own Service":
             "the eBPF mode picks the backend at connect(): the pod connects to itself directly and sees its "
             "own address; kube-proxy masquerades hairpin traffic (README: eBPF known differences)",
@@ -317,6 +320,8 @@ STAGE1: list[tuple[str, Obs]] = [
     ("NodePort from outside via this node", from_outside_nodeport(lambda r, x: "np")),
     ("NodePort from a pod via this node's IP", from_pod_to_node_ip(lambda r, x: "np")),
     ("NodePort via 127.0.0.1 from the node itself", localhost_nodeport),
+    ("NodePort from a pod via the node's bridge address (not its primary IP)",
+     lambda r, x: r.many(lambda: ask(r.clients[x.name].netns, x.gateway, r.np("np"), timeout=1), x, 8)),
     ("ETP Local, endpoint on this node: from outside", from_outside_nodeport(local_svc, 8)),
     ("ETP Local, endpoint on the other node: from outside", from_outside_nodeport(remote_svc, 2)),
     ("ETP Local, endpoint on the other node: from a pod via this node's IP", from_pod_to_node_ip(remote_svc)),
