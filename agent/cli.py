@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from prometheus_client import start_http_server
 
 from agent import log as logsetup
 from agent.backends import registry
@@ -197,7 +196,9 @@ def run_daemon(cfg: AgentConfig) -> int:
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")
         if port:
-            start_http_server(port, addr=host, registry=metrics.registry)
+            from agent.sync.inspect import metrics_responder
+
+            serve((host, port), metrics_responder(loop, health, metrics.registry, cfg.sync_period))
         hhost, hport = parse_bind(cfg.healthz_bind_address, "--healthz-bind-address")
         if hport:
             def count(path: str, code: int) -> None:
@@ -268,16 +269,67 @@ def run_daemon(cfg: AgentConfig) -> int:
     return 0
 
 
+def cmd_explain(cfg: AgentConfig, name: str, output: str, probe: bool, all_steps: bool) -> int:
+    """Exit 0 when nothing is wrong, 1 when a step found a problem, 2 when it could not ask."""
+    from agent import ask
+    from agent.model.explain import render_text
+    from agent.model.serviceport import NamespacedName
+    from agent.sync.inspect import explain_service
+
+    ns_name, _, svc = name.partition("/")
+    if not ns_name or not svc:
+        print(f"explain: give NAMESPACE/NAME, not {name!r}", file=sys.stderr)
+        return 2
+    if cfg.source:  # offline: the files, no kernel
+        loop = _loop(cfg, _backend(cfg, (4, 6)), Metrics(), ProxyHealth(2 * cfg.sync_period), None)
+        src = FileSource(cfg.source, loop)
+        src.check()
+        src.load_once()
+        loop.refresh_node_addresses()
+        loop.model.drain()
+        data = explain_service(loop, NamespacedName(ns_name, svc), cfg.sync_period, kernel=False).as_dict()
+    else:
+        try:
+            data = ask.fetch(ask.agent_url(cfg.metrics_bind_address, ask.explain_path(name)))
+        except OSError as exc:
+            print(f"explain: {exc}", file=sys.stderr)
+            return 2
+    if probe:
+        data = ask.with_probe(data)
+    ask.emit(data, output, render_text(data, all_steps))
+    return 0 if data["ok"] else 1
+
+
+def cmd_status(cfg: AgentConfig, output: str) -> int:
+    from agent import ask
+    from agent.sync.inspect import render_status
+
+    try:
+        data = ask.fetch(ask.agent_url(cfg.metrics_bind_address, "/status?output=json"))
+    except OSError as exc:
+        print(f"status: {exc}", file=sys.stderr)
+        return 2
+    ask.emit(data, output, render_status(data))
+    return 0 if data["health"]["healthy"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    render = bool(args) and args[0] == "render"
+    command = args[0] if args and args[0] in ("render", "explain", "status") else ""
     parser = _parser()
-    if render:
+    if command:
         args = args[1:]
-        parser.prog += " render"
+        parser.prog += " " + command
+    if command == "render":
         parser.add_argument("--desired", action="store_true", help="print the mode-independent desired state")
         parser.add_argument("--frontends", action="store_true",
                             help="print every frontend (address:port/protocol) with its endpoints")
+    if command == "explain":
+        parser.add_argument("service", metavar="NAMESPACE/NAME", help="the Service to explain")
+        parser.add_argument("--probe", action="store_true", help="also connect from here to each frontend")
+        parser.add_argument("--all", action="store_true", help="show every step, not only up to the first problem")
+    if command in ("explain", "status"):
+        parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
     ns = parser.parse_args(args)
     try:
         cfg = build_config(ns)
@@ -286,8 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logsetup.setup(cfg.verbosity)
     try:
-        if render:
+        if command == "render":
             return cmd_render(cfg, "desired" if ns.desired else "frontends" if ns.frontends else "mode")
+        if command == "explain":
+            return cmd_explain(cfg, ns.service, ns.output, ns.probe, ns.all)
+        if command == "status":
+            return cmd_status(cfg, ns.output)
         if ns.cleanup:
             try:
                 _backend(cfg).cleanup()

@@ -57,10 +57,11 @@ class _Handler(BaseHTTPRequestHandler):
         code, body, headers = self.server.respond(self.path)
         data = body.encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
         self.send_header("X-Content-Type-Options", "nosniff")
         for k, v in headers.items():
-            self.send_header(k, v)
+            if k != "Content-Type":
+                self.send_header(k, v)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

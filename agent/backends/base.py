@@ -8,11 +8,11 @@ stops. The sync loop only hands it desired state and changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent.model.desired import Changes, DesiredState
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -41,6 +41,15 @@ class SyncResult:
     detail: str = ""
 
 
+@dataclass(slots=True)
+class Programmed:
+    """What the kernel holds for some service ports, in the mode's own terms (for `explain`), and
+    where that differs from what the mode would write now (`differences`: drift)."""
+
+    lines: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+
+
 class Backend(Protocol):
     """One proxy mode. Lifecycle: check_supported() -> start() -> sync()... -> close()."""
 
@@ -66,6 +75,10 @@ class Backend(Protocol):
     def cleanup(self) -> None:
         """Remove everything this mode ever created, and nothing else (not another mode's state).
         Idempotent."""
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        """Read the kernel state of these service ports (their chains, map elements, virtual
+        servers or map entries) and compare it with what the mode writes for them. Writes nothing."""
 
     def close(self, timeout: float) -> None:
         """The agent stops: leave the datapath serving, finish queued cleanup (up to `timeout` s)."""
@@ -159,6 +172,9 @@ class NotBuilt:
 
     def cleanup(self) -> None:
         """Nothing was ever created."""
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        return Programmed(["this mode is not built: nothing is programmed"])
 
     def close(self, timeout: float) -> None:
         """Nothing runs."""

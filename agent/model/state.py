@@ -27,7 +27,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # --nodeport-addresses primary: the node's primary IPs (from its Node object)
 PRIMARY = "primary"
 
-__all__ = ["FAMILIES", "PRIMARY", "ClusterModel", "NodeInfo", "StaleFlow", "Update"]
+__all__ = ["FAMILIES", "PRIMARY", "ClusterModel", "NodeInfo", "ServiceFacts", "SkipNote", "StaleFlow", "Update"]
 
 
 @dataclass(slots=True)
@@ -48,6 +48,30 @@ class Update:
         (the sync loop adds those a failed sync left)."""
         flows = tuple(f for f in self.stale_flows if f.family == family) if stale is None else stale
         return Changes(self.changed.get(family, frozenset()), self.frontends.get(family, frozenset()), flows)
+
+
+@dataclass(frozen=True, slots=True)
+class SkipNote:
+    """Why a Service is not proxied (`unproxied`: headless, ExternalName, another proxy's), or what
+    was wrong with it (`problems`); `whole`: nothing of it is programmed."""
+
+    unproxied: str = ""
+    problems: tuple[str, ...] = ()
+    whole: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceFacts:
+    """One Service as this node sees it, for `explain`."""
+
+    key: NamespacedName
+    ports: tuple[ServicePortInfo, ...]
+    skipped: SkipNote | None
+    slices: dict[str, SliceInfo]  # its EndpointSlices by namespace/name
+    plans: dict[int, dict[ServicePortName, ServicePlan]]  # family -> its service ports' plans
+    node_name: str
+    zone: str
+    unlabelled_slices: tuple[str, ...]  # slices in its namespace skipped for lacking the label
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +114,8 @@ class ClusterModel:
         self.slices: ChangeTracker[NamespacedName, SliceInfo] = ChangeTracker()
         self._slices_by_service: dict[NamespacedName, set[NamespacedName]] = {}
         self._unproxied: set[NamespacedName] = set()
+        self._skipped: dict[NamespacedName, SkipNote] = {}  # Services not (fully) proxied, and why
+        self._unlabelled: dict[str, set[str]] = {}  # namespace -> slices without a service label
         self._node = NodeInfo()
         self._node_dirty = True
         self.desired: dict[int, DesiredState] = {f: DesiredState(self._context(f)) for f in FAMILIES}
@@ -103,13 +129,16 @@ class ClusterModel:
         problems: list[Problem] = []
         ports: tuple[ServicePortInfo, ...] | None = None
         self._unproxied.discard(key)
+        self._skipped.pop(key, None)
         if svc is not None:
-            ok, _ = is_proxied(svc)
+            ok, why = is_proxied(svc)
             if ok:
                 infos, problems = service_ports(svc)
                 ports = tuple(infos) or None
             else:
                 self._unproxied.add(key)  # headless, ExternalName, another proxy's: its slices are fine
+            if not ok or problems:  # kept for `explain`: one short entry per such Service
+                self._skipped[key] = SkipNote(why, tuple(p.detail for p in problems), ports is None)
         self.services.update(key, ports)
         return problems
 
@@ -118,8 +147,37 @@ class ClusterModel:
         info: SliceInfo | None = None
         if es is not None:
             info, problems = slice_info(es)
+        unlabelled = self._unlabelled.setdefault(key.namespace, set())
+        if any(p.reason == "no_service_label" for p in problems):
+            unlabelled.add(key.name)
+        else:
+            unlabelled.discard(key.name)
+        if not unlabelled:
+            del self._unlabelled[key.namespace]
         self.slices.update(key, info)
         return problems
+
+    @property
+    def skipped_services(self) -> int:
+        """Services not proxied (headless, ExternalName, another proxy's) or partly invalid."""
+        return len(self._skipped)
+
+    def facts(self, key: NamespacedName) -> ServiceFacts:
+        """Everything this node knows about one Service, for `explain` (as of the last drain)."""
+        slices = {str(k): self.slices.committed[k] for k in sorted(self._slices_by_service.get(key, ()))
+                  if k in self.slices.committed}
+        plans = {fam: {spn: p for spn, p in self.desired[fam].services.items() if spn.service == key}
+                 for fam in FAMILIES}
+        return ServiceFacts(
+            key=key,
+            ports=tuple(self.services.committed.get(key, ())),
+            skipped=self._skipped.get(key),
+            slices=slices,
+            plans=plans,
+            node_name=self.node_name,
+            zone=self._node.zone,
+            unlabelled_slices=tuple(sorted(self._unlabelled.get(key.namespace, ()))),
+        )
 
     def on_node(self, node: Node | None) -> None:
         info = NodeInfo()

@@ -6,16 +6,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 from agent.backends.base import Backend, SyncError
 from agent.health import ProxyHealth, ServiceHealthServers
 from agent.metrics import Metrics
-from agent.model.desired import StaleFlow
+from agent.model.desired import NodeContext, StaleFlow
 from agent.model.records import KIND_TYPES, EndpointSlice, Node, Record, Service, ServiceCIDR
 from agent.model.serviceport import NamespacedName, Problem
-from agent.model.state import FAMILIES, ClusterModel
+from agent.model.state import FAMILIES, ClusterModel, ServiceFacts
 from agent.sync.tallies import PlanTallies
 
 log = logging.getLogger("agent.sync")
@@ -27,6 +28,7 @@ class SyncLoop:
     """Owns the model; the only place that calls the backend."""
 
     CARRY = 10_000  # stale flows and trigger times kept across failed syncs, at most
+    HISTORY = 20_000  # Services whose last change `explain` remembers
 
     def __init__(
         self,
@@ -65,11 +67,19 @@ class SyncLoop:
         self._stale_flows: list[StaleFlow] = []
         self._trigger_times: list[str] = []
         self._queued_at = 0.0  # when the newest change was queued
+        # for `status` and `explain`: the last full and partial sync (wall time, seconds, detail),
+        # the mode's totals after the last sync, skipped objects by (kind, reason), and per Service
+        # when a change to it was last seen and programmed (at most HISTORY Services, oldest go)
+        self.last: dict[str, tuple[float, float, str]] = {}
+        self.totals: dict[str, int] = {}
+        self.skipped: Counter[tuple[str, str]] = Counter()
+        self.history: dict[NamespacedName, tuple[float, float]] = {}
 
     # -- inputs (source threads) ------------------------------------------------------------
 
     def _record_problems(self, problems: Iterable[Problem]) -> None:
         for p in problems:
+            self.skipped[(p.kind, p.reason)] += 1
             log.warning("invalid object skipped kind=%s object=%s reason=%s detail=%r",
                         p.kind, p.object, p.reason, p.detail)
             self.metrics.invalid_objects.labels(p.kind, p.reason).inc()
@@ -127,6 +137,20 @@ class SyncLoop:
             self.metrics.last_queued.set(self._queued_at)
             self.health.queued()
             self.trigger()
+
+    # -- what a person asks (explain, status) ----------------------------------------------
+
+    def snapshot(self, key: NamespacedName) -> tuple[ServiceFacts, dict[int, NodeContext]]:
+        """One Service as the model holds it, and the node context per family, consistently."""
+        with self._lock:
+            return self.model.facts(key), {f: self.model.desired[f].node for f in FAMILIES}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            plans = [p for f in FAMILIES for p in self.model.desired[f].services.values()]
+            return {"services": len({p.name.service for p in plans}), "servicePorts": len(plans),
+                    "endpoints": sum(len(p.all_endpoints) for p in plans),
+                    "skippedServices": self.model.skipped_services}
 
     # -- the sync -------------------------------------------------------------------------
 
@@ -189,6 +213,14 @@ class SyncLoop:
         self.metrics.last_programmed.set(queued_at)
         self.health.updated()
         self._stale_flows = []  # the mode cleaned them up
+        now = self._wall()
+        self.last["full" if full else "partial"] = (now, elapsed, result.detail)
+        self.totals = dict(result.totals)
+        for spn in {p for ports in update.changed.values() for p in ports}:
+            self.history.pop(spn.service, None)
+            self.history[spn.service] = (queued_at, now)
+        while len(self.history) > self.HISTORY:
+            del self.history[next(iter(self.history))]
         self._after_sync()
         log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s %s%s", self.backend.name, full,
                  changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())),

@@ -16,14 +16,14 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
-from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.ebpf import host
 from agent.backends.ebpf import layout as L
 from agent.backends.ebpf.metrics import EbpfMetrics
@@ -37,7 +37,7 @@ from agent.kernel.xtables import (
     restore,
     with_hooks,
 )
-from agent.model.desired import Changes, DesiredState
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.frontends import FrontendKey
 
 log = logging.getLogger("agent.ebpf")
@@ -489,6 +489,21 @@ class EbpfBackend:
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         return "".join(L.render_family(desired[f]) for f in self.families)
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        """What this run wrote to the maps for each frontend of these ports (the agent's own record
+        of its map writes; the maps themselves are not read back here yet)."""
+        out = Programmed()
+        for plan in plans:
+            for (key, scope), w in sorted(dict(self._written).items(), key=lambda kv: str(kv[0])):
+                if key.port == plan.info.port and key.protocol == plan.info.protocol and (
+                        key.address == plan.info.cluster_ip or key.address in plan.info.external_ips
+                        or key.address in plan.info.load_balancer_ips):
+                    out.lines.append(f"frontend {key.address}:{key.port}/{key.protocol} scope {scope}: "
+                                     f"service id {w.svc_id}, {len(w.backends)} backend(s)")
+        if not out.lines:
+            out.lines.append("no map entries written by this run for these ports")
+        return out
 
     def cleanup(self) -> None:
         """Detach our programs (cgroup hooks and tc filters), unpin our programs and maps, remove our

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from prometheus_client import CollectorRegistry
 
-from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.iptables import chains as C
 from agent.backends.iptables.metrics import IptablesMetrics
-from agent.backends.iptables.render import IptablesRenderer, RenderResult, localhost_nodeports
+from agent.backends.iptables.render import DISPATCH, IptablesRenderer, RenderResult, localhost_nodeports, render_service
 from agent.kernel import conntrack, nfgen, sysctl
 from agent.kernel.commands import CommandError, have, run
 from agent.kernel.xtables import (
@@ -25,7 +25,7 @@ from agent.kernel.xtables import (
     restore,
     with_hooks,
 )
-from agent.model.desired import Changes, DesiredState
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.serviceport import ServicePortName
 
 log = logging.getLogger("agent.iptables")
@@ -177,6 +177,38 @@ class IptablesBackend:
             tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
             parts.append(f"# IPv{fam}: input for {tool} --noflush\n{text}")
         return "".join(parts)
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        """Each port's own chains as iptables-save prints them, and its lines in the shared chains
+        (found by their comment); a chain whose rule count differs from what is written is drift."""
+        out = Programmed()
+        saved: dict[tuple[int, str], list[str]] = {}
+        for plan in plans:
+            fam = plan.info.family
+            rules = render_service(plan, nodes[fam])
+            spn = str(plan.name)
+            for table in {t for t in rules.chains} | {t for t, _ in DISPATCH}:
+                if (fam, table) not in saved:
+                    text = run([self.tools.binary(fam, "save"), "-t", table], timeout=120)
+                    saved[(fam, table)] = [ln for ln in text.splitlines() if ln.startswith("-A ")]
+            for table, chains in rules.chains.items():
+                for name, intended in chains:
+                    have = [ln for ln in saved[(fam, table)] if ln.split(" ", 2)[1] == name]
+                    out.lines.append(f"{table} {name}: {len(have)} rule(s)")
+                    out.lines += [f"  {ln}" for ln in have[:20]]
+                    if len(have) != len(intended):
+                        out.differences.append(f"IPv{fam} {table} chain {name} has {len(have)} rule(s), "
+                                               f"{len(intended)} intended")
+            for (table, chain), intended in rules.dispatch.items():
+                own = [name for cs in rules.chains.values() for name, _ in cs]
+                have = [ln for ln in saved[(fam, table)] if ln.startswith(f"-A {chain} ")
+                        and (f'"{spn} ' in ln or any(ln.endswith(f"-j {c}") for c in own))]
+                out.lines.append(f"{table} {chain}: {len(have)} line(s) for {spn}")
+                out.lines += [f"  {ln}" for ln in have[:10]]
+                if len(have) != len(intended):
+                    out.differences.append(f"IPv{fam} {table} chain {chain} has {len(have)} line(s) for {spn}, "
+                                           f"{len(intended)} intended")
+        return out
 
     def cleanup(self) -> None:
         """Every KPA- chain and the jumps into them, in whichever iptables variant holds them."""

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry
 
-from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.ipvs import render as R
 from agent.backends.ipvs.ipvsnl import Ipvs
 from agent.backends.ipvs.metrics import IpvsMetrics
@@ -52,8 +52,8 @@ from agent.kernel.xtables import (
     restore,
     with_hooks,
 )
-from agent.model.desired import Changes, DesiredState
-from agent.model.frontends import FrontendKey
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
+from agent.model.frontends import FrontendKey, frontends_of
 
 log = logging.getLogger("agent.ipvs")
 PROC_IP_VS = Path("/proc/net/ip_vs")
@@ -537,6 +537,36 @@ class IpvsBackend:
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         return R.render(desired, self.families, self.scheduler)
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        """The virtual server of each cluster, external and load-balancer IP frontend and its real
+        servers with their connection counts, read over netlink; a missing virtual server or a real
+        server set that differs from the endpoints (weight-0 servers draining aside) is drift."""
+        out = Programmed()
+        ipvs = Ipvs()
+        try:
+            held = {vs.key: vs for vs in ipvs.services()}
+            for plan in plans:
+                for f in frontends_of(plan, ()):
+                    key = ServiceKey(f.key.protocol, f.key.address, f.key.port)
+                    vs = held.get(key)
+                    if vs is None:
+                        out.lines.append(f"{f.kind} virtual server {key}: missing")
+                        out.differences.append(f"no virtual server {key}")
+                        continue
+                    dests = ipvs.dests(key)
+                    out.lines.append(f"{f.kind} virtual server {key} scheduler {vs.scheduler}"
+                                     + (f" persistent {vs.timeout}s" if vs.timeout else ""))
+                    out.lines += [f"  -> {d.address}:{d.port} weight {d.weight} active {d.active} "
+                                  f"inactive {d.inactive}" for d in dests]
+                    live = {(d.address, d.port) for d in dests if d.weight > 0}
+                    want = {(e.ip, e.port) for e in f.endpoints}
+                    if live != want:
+                        out.differences.append(f"virtual server {key} has real servers "
+                                               f"{sorted(live)}, intended {sorted(want)}")
+        finally:
+            ipvs.close()
+        return out
 
     def cleanup(self) -> None:
         """Our chains (KPAV-), our virtual servers (on the dummy interface or listed in our FRONTENDS

@@ -11,18 +11,18 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from agent.backends.base import SyncError, SyncResult, UnsupportedMode
+from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.nftables import names as N
 from agent.backends.nftables.metrics import NftablesMetrics
-from agent.backends.nftables.render import Existing, NftRenderer, RenderResult
+from agent.backends.nftables.render import Existing, NftRenderer, RenderResult, render_service
 from agent.kernel import conntrack, heap, nfgen
 from agent.kernel.commands import CommandError, have, run
-from agent.model.desired import Changes, DesiredState
+from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 
 log = logging.getLogger("agent.nftables")
 _ERROR_AT = re.compile(r"^\S*?:(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
@@ -289,6 +289,36 @@ class NftablesBackend:
             text = NftRenderer(fam).render(desired[fam], (), full=True).text
             parts.append(f"# IPv{fam}: input for nft -f\n{text}")
         return "".join(parts)
+
+    def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
+        """Each port's chains (rule counts, from `nft list chain`) and map elements (`nft get
+        element`), read with the nft binary (the sync thread owns the libnftables context); a
+        missing chain or element, or a rule count that differs, is drift."""
+        out = Programmed()
+        binary = NftCommand().binary
+        for plan in plans:
+            fam = plan.info.family
+            t = N.table_ref(fam)
+            s = render_service(plan, nodes[fam])
+            for name, intended in s.chains:
+                try:
+                    listed = NftCommand().list_json(f"chain {t} {name}")
+                    rules = [e["rule"] for e in listed.get("nftables", []) if "rule" in e]
+                except (CommandError, ValueError):
+                    out.lines.append(f"chain {name}: missing")
+                    out.differences.append(f"IPv{fam} chain {name} is missing")
+                    continue
+                out.lines.append(f"chain {name}: {len(rules)} rule(s)")
+                if len(rules) != len(intended):
+                    out.differences.append(f"IPv{fam} chain {name} has {len(rules)} rule(s), {len(intended)} intended")
+            for mapname, key, verdict, _ in s.elements:
+                try:
+                    run([binary, "get", "element", *t.split(), mapname, "{", key, "}"], timeout=30)
+                    out.lines.append(f"{mapname}: {key}{' : ' + verdict if verdict else ''}")
+                except CommandError:
+                    out.lines.append(f"{mapname}: {key} missing")
+                    out.differences.append(f"IPv{fam} {mapname} has no element {key}")
+        return out
 
     def cleanup(self) -> None:
         nft = self.nft
