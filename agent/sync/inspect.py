@@ -42,7 +42,9 @@ def explain_service(loop: SyncLoop, key: NamespacedName, sync_period: float, ker
             shown = "; ".join(prog.differences[:5]) + (f"; ... ({len(prog.differences)})"
                                                      if len(prog.differences) > 5 else "")
             step.problem = f"the kernel differs from what the agent intends (drift): {shown}"
-            step.fix = (f"the next periodic sync (every {sync_period:g}s) repairs it; if it comes back, "
+            last_full = loop.last.get("full")
+            when = f"about {_iso(last_full[0] + sync_period)}" if last_full else f"within {sync_period:g}s"
+            step.fix = (f"the next periodic sync ({when}; every {sync_period:g}s) repairs it; if it comes back, "
                         "something else on the node edits these rules")
         e.steps.append(step)
     seen = loop.history.get(key)

@@ -9,6 +9,7 @@ that shows it), printed in the terminal summary.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -462,3 +463,36 @@ def test_service_cidrs_from_the_api_close_unallocated_addresses(k: Kit) -> None:
         k.h.api.delete(f"/apis/networking.k8s.io/v1/servicecidrs/{extra}")
     wait_until(lambda: "10.96.0.0/15" not in check_chain(n1) and "10.97.0.0/16" not in check_chain(n1), 60, 0.2,
                "the deleted ServiceCIDR gone from the node's table")
+
+
+def test_explain_and_status_on_the_real_control_plane(k: Kit) -> None:
+    """Issue 13: `kube-proxy-agent explain` asks the agent running on the node (no API calls): a
+    Service whose selector matches nothing is named as such (the EndpointSlice controller writes an
+    empty slice); once a pod matches, the Service is ok, its programmed state is read from the
+    kernel and --probe connects; `status` sums the node up."""
+    from tests.cluster.harness import agent_binary
+
+    n1 = k.c.n1
+
+    def ask(*args: str) -> tuple[int, JSON]:
+        argv = ["ip", "netns", "exec", n1.netns, agent_binary(), *args, "-o", "json"]
+        if n1.sockets is not None:  # the eBPF mode's socket hooks act on the node's cgroup
+            argv = ["sh", "-c", f"echo $$ > {n1.sockets.cgroup}/cgroup.procs; exec " + " ".join(argv)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode in (0, 1), proc.stderr
+        return proc.returncode, json.loads(proc.stdout)
+
+    ip = cluster_ip(k.service("web", selector={"app": "web"}))
+    wait_until(lambda: ask("explain", f"{k.ns}/web")[0] == 1, 30, 0.5, "the new Service explained")
+    rc, data = ask("explain", f"{k.ns}/web")
+    assert "no endpoints" in data["verdict"], data
+    p = k.pod("web-a", n1)
+    k.until_answered_by("first pod", p.changed_at, lambda: k.from_pod(n1, ip, 80, timeout=0.3), {p.name},
+                        record=False)
+    rc, data = ask("explain", f"{k.ns}/web", "--probe")
+    assert rc == 0 and data["ok"], data
+    titles = [s["title"] for s in data["steps"]]
+    assert any(t.startswith(f"what this node programmed ({n1.mode} mode") for t in titles), titles
+    assert any("connected" in line for s in data["steps"] for line in s["lines"]), data
+    rc, status = ask("status")
+    assert rc == 0 and status["mode"] == n1.mode and status["ready"] and status["counts"]["services"] >= 1
