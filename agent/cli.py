@@ -217,6 +217,7 @@ def run_daemon(cfg: AgentConfig) -> int:
         kube_cfg = load_client_config(cfg.kubeconfig)
         source = KubeSource(kube_cfg, loop, cfg.hostname_override)
         source.on_error.append(lambda kind: metrics.api_errors.labels(kind).inc())
+        source.on_state.append(loop.source_state)
         if not cfg.once:
             from agent.sources.kube_events import NodeEventRecorder
 

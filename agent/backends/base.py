@@ -39,6 +39,7 @@ class SyncResult:
     written: dict[str, int] = field(default_factory=dict)  # e.g. rules per table, elements per map
     totals: dict[str, int] = field(default_factory=dict)  # what the kernel holds now, same keys
     detail: str = ""
+    repaired: int = 0  # service ports (or objects) found drifted and rewritten by this sync
 
 
 @dataclass(slots=True)

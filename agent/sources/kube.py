@@ -124,6 +124,7 @@ class KubeSource:
         self._responses: set[Any] = set()
         self._lock = threading.Lock()
         self.on_error: list[Any] = []  # callbacks(resource kind) for metrics
+        self.on_state: list[Any] = []  # callbacks(resource kind, state in words) for `status`
 
     def _headers(self) -> dict[str, str]:
         return api_headers(self.cfg)
@@ -200,6 +201,7 @@ class KubeSource:
                 if not rv:
                     records, rv = self.list(res)
                     self.sink.replace_all(res.kind, records)
+                    self._state(res.kind, f"listed {len(records)}, watching")
                     backoff = 0.5  # the API answers again: a later outage starts from a short wait
                     if absent:
                         log.info("optional resource readable again kind=%s objects=%d", res.kind, len(records))
@@ -232,6 +234,8 @@ class KubeSource:
                 # restarting answers 403 for a while): keep what was listed. Retry, slower and slower.
                 if not absent:
                     absent = True
+                    self._state(res.kind, f"not readable (HTTP {exc.status}); going on "
+                                          f"{'with the last list' if listed else 'without it'}")
                     if not listed:
                         self.sink.replace_all(res.kind, {})
                     log.warning("optional resource not readable kind=%s status=%d; going on %s (%s)", res.kind,
@@ -247,12 +251,17 @@ class KubeSource:
                 if isinstance(exc, msgspec.DecodeError):
                     rv = ""
 
+    def _state(self, kind: str, state: str) -> None:
+        for cb in self.on_state:
+            cb(kind, state)
+
     def _failed(self, res: Resource, exc: Exception, backoff: float) -> None:
         """Count and log a failed call, then wait about `backoff` seconds."""
         if self._stop.is_set():
             return
         for cb in self.on_error:
             cb(res.kind)
+        self._state(res.kind, f"failing, retrying: {str(exc)[:200]}")
         delay = backoff * (1 + random.random() * 0.2)
         log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs",
                     res.kind, str(exc)[:500], delay)

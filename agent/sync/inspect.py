@@ -74,6 +74,8 @@ def status(loop: SyncLoop, health: ProxyHealth) -> dict[str, Any]:
         "lastSync": last,
         "counts": counts,
         "programmed": dict(sorted(loop.totals.items())),
+        "driftRepaired": loop.repaired,
+        "source": {kind: {"state": state, "since": _iso(at)} for kind, (state, at) in sorted(loop.source.items())},
         "skippedObjects": {f"{kind}/{reason}": n for (kind, reason), n in sorted(loop.skipped.items())},
     }
 
@@ -92,6 +94,9 @@ def render_status(s: dict[str, Any]) -> str:
                  f"({c['skippedServices']} Services not proxied or partly invalid)")
     if s["programmed"]:
         lines.append("kernel:    " + ", ".join(f"{k}={v}" for k, v in s["programmed"].items()))
+    lines.append(f"drift:     {s['driftRepaired']} repaired since start")
+    for kind, v in s["source"].items():
+        lines.append(f"api:       {kind}: {v['state']} (since {v['since']})")
     if s["skippedObjects"]:
         lines.append("skipped:   " + ", ".join(f"{k}: {v}" for k, v in s["skippedObjects"].items()))
     return "\n".join(lines) + "\n"

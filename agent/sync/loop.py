@@ -74,6 +74,8 @@ class SyncLoop:
         self.totals: dict[str, int] = {}
         self.skipped: Counter[tuple[str, str]] = Counter()
         self.history: dict[NamespacedName, tuple[float, float]] = {}
+        self.source: dict[str, tuple[str, float]] = {}  # kind -> (state in words, since when)
+        self.repaired = 0  # service ports whose drift the mode repaired
 
     # -- inputs (source threads) ------------------------------------------------------------
 
@@ -139,6 +141,12 @@ class SyncLoop:
             self.trigger()
 
     # -- what a person asks (explain, status) ----------------------------------------------
+
+    def source_state(self, kind: str, state: str) -> None:
+        """The source says how its list/watch of `kind` goes (for `status`)."""
+        old = self.source.get(kind)
+        if old is None or old[0] != state:
+            self.source[kind] = (state, self._wall())
 
     def snapshot(self, key: NamespacedName) -> tuple[ServiceFacts, dict[int, NodeContext]]:
         """One Service as the model holds it, and the node context per family, consistently."""
@@ -216,6 +224,7 @@ class SyncLoop:
         now = self._wall()
         self.last["full" if full else "partial"] = (now, elapsed, result.detail)
         self.totals = dict(result.totals)
+        self.repaired += result.repaired
         for spn in {p for ports in update.changed.values() for p in ports}:
             self.history.pop(spn.service, None)
             self.history[spn.service] = (queued_at, now)

@@ -496,3 +496,5 @@ def test_explain_and_status_on_the_real_control_plane(k: Kit) -> None:
     assert any("connected" in line for s in data["steps"] for line in s["lines"]), data
     rc, status = ask("status")
     assert rc == 0 and status["mode"] == n1.mode and status["ready"] and status["counts"]["services"] >= 1
+    assert "watching" in status["source"]["Service"]["state"], status["source"]
+    assert "ServiceCIDR" in status["source"], status["source"]

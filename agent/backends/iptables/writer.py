@@ -116,6 +116,7 @@ class IptablesBackend:
                                           batch_chains=batch)
                 else:
                     result.detail = f"checked(repaired={len(drifted)})"
+                    result.repaired += len(drifted)
                     todo = drifted | set(changed)
                     if drifted:
                         log.warning("rules drifted from what was written; repairing family=IPv%d "

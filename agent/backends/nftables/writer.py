@@ -247,6 +247,7 @@ class NftablesBackend:
             changed = changes[fam].ports if fam in changes else frozenset()
             out = renderer.render(desired[fam], changed, full=full, existing=existing.get(fam))
             if out.missing:
+                result.repaired += len(out.missing)
                 log.warning("rules drifted from what was written; repairing family=IPv%d rewrite=%s missing=%s",
                             fam, "table" if out.full else "service ports", ",".join(out.missing[:10])
                             + (f",...({len(out.missing)})" if len(out.missing) > 10 else ""))
