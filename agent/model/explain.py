@@ -143,6 +143,12 @@ def endpoints_step(f: ServiceFacts) -> Step:
         return step
     names = {(k, p) for s in f.slices.values() for (k, p), _ in s.ports}
     step.lines.append("slices: " + ", ".join(f.slices))
+    if not names:  # what the EndpointSlice controller writes while the selector matches no pod
+        step.ok = False
+        step.problem = "no endpoints: its EndpointSlices list none (no ports, no addresses); traffic is rejected"
+        step.fix = (f"check that the Service's selector matches running pods (kubectl get pods -n {f.key.namespace} "
+                    "-l ...) and that they declare the targetPort")
+        return step
     for info in f.ports:
         plan = f.plans.get(info.family, {}).get(info.name)
         label = f"port {info.name.port or '-'}/{info.protocol} IPv{info.family}"

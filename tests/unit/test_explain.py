@@ -73,6 +73,9 @@ def test_healthy_service_has_no_problem_and_lists_what_this_node_uses() -> None:
      "no EndpointSlice is labelled kubernetes.io/service-name=lonely", "were skipped for having no such label: stray"),
     ([svc("down"), eps("down-1", "down", ("10.244.1.5", False, "node-a"))], "down", "none ready", "readiness"),
     ([svc("empty"), eps("empty-1", "empty")], "empty", "no endpoints", "selector"),
+    # what the EndpointSlice controller writes while the selector matches nothing: no ports at all
+    ([svc("nomatch"), eps("nomatch-1", "nomatch", ports=[])], "nomatch", "no endpoints: its EndpointSlices list none",
+     "selector matches running pods"),
     ([svc("named"), eps("named-1", "named", ("10.244.1.5", True, "node-a"),
                         ports=[{"name": "web", "port": 8080, "protocol": "TCP"}])],
      "named", "no slice has a port named 'http' with protocol TCP (they have: web/TCP)", "named targetPort"),
