@@ -5,9 +5,12 @@ case the first problem named is its cause; a healthy Service shows what is progr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from typing import Any
 
+from agent.backends.ebpf import layout as L
+from agent.model.frontends import FrontendKey
 from tests.kernel.conftest import AGENT, Node, endpoint, service, slice_
 from tests.kernel.test_behaviour import EP_HTTP, HTTP
 from tests.netlab import HOOKED, wait_for
@@ -22,6 +25,21 @@ def ask(node: Node, *args: str) -> tuple[int, Any]:
     proc = subprocess.run(["sh", "-c", enter + argv], capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode, json.loads(proc.stdout)
+
+
+def delete_map_entry(node: Node, name: str, key: bytes) -> None:
+    import ctypes
+
+    from bcc import libbcc
+
+    bpffs = node.extra_args[node.extra_args.index("--ebpf-bpffs-root") + 1]
+    fd = libbcc.lib.bpf_obj_get(f"{bpffs}/kube-proxy-agent/v{L.LAYOUT}/{name}".encode())
+    assert fd >= 0, "pinned map not found"
+    try:
+        buf = ctypes.create_string_buffer(key, len(key))
+        assert libbcc.lib.bpf_delete_elem(fd, buf) == 0
+    finally:
+        os.close(fd)
 
 
 def broken(data: dict[str, Any]) -> dict[str, Any] | None:
@@ -48,6 +66,8 @@ def test_explain_names_the_first_broken_link(node: Node) -> None:
         programmed = ok["steps"][2]
         assert programmed["title"].startswith(f"what this node programmed ({node.mode} mode")
         assert programmed["lines"], programmed
+        if node.mode == "ebpf":  # read back from the pinned maps, backends decoded
+            assert any("backend(s): " + "10.244.1.10:8080" in line for line in programmed["lines"]), programmed
         probe = next(s for s in ok["steps"] if s["title"].startswith("a real connection"))
         assert any("connected" in line for line in probe["lines"]), probe
 
@@ -87,13 +107,12 @@ def test_explain_finds_drift_and_status_sums_up(node: Node) -> None:
             node.lab.exec(node.node, "nft", "flush", "chain", "ip", "kube-proxy-agent", chain)
         elif node.mode == "ipvs":
             node.lab.exec(node.node, "ipvsadm", "-D", "-t", f"{ip[0]}:80")
-        else:
-            chain = ""  # the eBPF mode does not read its maps back yet
-        if node.mode != "ebpf":
-            rc, data = ask(node, "explain", "default/ex-drift")
-            step = broken(data)
-            assert rc == 1 and step is not None and "drift" in step["problem"], data
-            assert "periodic sync" in step["fix"]
+        else:  # the sockets scope's master entry deleted from the pinned map, as bpftool map delete would
+            delete_map_entry(node, "svcs", L.svc_key(FrontendKey(ip[0], 80, "TCP"), L.SCOPE_SOCKETS, 0))
+        rc, data = ask(node, "explain", "default/ex-drift")
+        step = broken(data)
+        assert rc == 1 and step is not None and "drift" in step["problem"], data
+        assert "periodic sync" in step["fix"]
         rc, status = ask(node, "status")
         assert status["mode"] == node.mode and status["health"]["healthy"] is True
         assert status["counts"]["servicePorts"] >= 1 and status["syncs"] >= 1

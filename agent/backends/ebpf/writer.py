@@ -491,19 +491,50 @@ class EbpfBackend:
         return "".join(L.render_family(desired[f]) for f in self.families)
 
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
-        """What this run wrote to the maps for each frontend of these ports (the agent's own record
-        of its map writes; the maps themselves are not read back here yet)."""
+        """Each frontend's service entries read back from the pinned maps (master: backend count,
+        flags, service id; slots: backends, decoded), compared with what this run wrote for it; a
+        missing entry or other backends is drift."""
         out = Programmed()
+        written = dict(self._written)  # a copy: the sync thread may be writing
         for plan in plans:
-            for (key, scope), w in sorted(dict(self._written).items(), key=lambda kv: str(kv[0])):
-                if key.port == plan.info.port and key.protocol == plan.info.protocol and (
-                        key.address == plan.info.cluster_ip or key.address in plan.info.external_ips
-                        or key.address in plan.info.load_balancer_ips):
-                    out.lines.append(f"frontend {key.address}:{key.port}/{key.protocol} scope {scope}: "
-                                     f"service id {w.svc_id}, {len(w.backends)} backend(s)")
+            i = plan.info
+            addresses = {i.cluster_ip, *i.external_ips, *i.load_balancer_ips}
+            for (key, scope), w in sorted(written.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+                if key.port != i.port or key.protocol != i.protocol or key.address not in addresses:
+                    continue
+                where = f"{key.address}:{key.port}/{key.protocol} {'sockets' if scope == L.SCOPE_SOCKETS else 'tc'}"
+                try:
+                    master = self._lookup("svcs", L.svc_key(key, scope, 0))
+                    if master is None:
+                        out.lines.append(f"{where}: no service entry")
+                        out.differences.append(f"no service entry for {where}")
+                        continue
+                    _, count, flags, affinity, svc_id = L.decode_svc_val(master)
+                    backends: list[tuple[str, int]] = []
+                    for slot in range(1, count + 1):
+                        ref = self._lookup("svcs", L.svc_key(key, scope, slot))
+                        raw = self._lookup("backends", L.id_key(L.decode_svc_val(ref)[0])) if ref else None
+                        if raw is not None:
+                            backends.append(L.decode_backend(raw))
+                except Exception as exc:  # a map that cannot be read: said, never fatal
+                    out.lines.append(f"{where}: maps not readable ({exc})")
+                    out.differences.append(f"maps not readable: {exc}")
+                    return out
+                out.lines.append(f"{where}: service id {svc_id}, flags {flags:#x}, affinity {affinity}s, "
+                                 f"{count} backend(s): " + ", ".join(f"{ip}:{port}" for ip, port in backends))
+                if sorted(backends) != sorted(ep for _, ep in w.backends):
+                    out.differences.append(f"{where} holds backends {sorted(backends)}, written "
+                                           f"{sorted(ep for _, ep in w.backends)}")
         if not out.lines:
-            out.lines.append("no map entries written by this run for these ports")
+            out.lines.append("no map entries for these ports")
         return out
+
+    def _lookup(self, name: str, key: bytes) -> bytes | None:
+        t = self._table(name)
+        try:
+            return bytes(t[t.Key.from_buffer_copy(key)])
+        except KeyError:
+            return None
 
     def cleanup(self) -> None:
         """Detach our programs (cgroup hooks and tc filters), unpin our programs and maps, remove our
