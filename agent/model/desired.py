@@ -39,6 +39,7 @@ class StaleFlow:
     frontend: str | None
     port: int
     endpoint_ip: str | None = None
+    service: str = field(default="", compare=False)  # namespace/name, for `explain`'s history
 
 
 @dataclass(frozen=True, slots=True)

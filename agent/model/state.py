@@ -386,8 +386,8 @@ def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[Stale
     if old is not None:
         for ip in sorted(old_ips - new_ips):
             for front, port in frontend_addresses(old.info):
-                out.append(StaleFlow(info.family, front, port, ip))
+                out.append(StaleFlow(info.family, front, port, ip, str(info.name.service)))
     if new is not None and new_ips and not old_ips:
         # Packets sent while there was no endpoint created conntrack entries that go nowhere.
         for front, port in frontend_addresses(new.info):
-            out.append(StaleFlow(info.family, front, port, None))
+            out.append(StaleFlow(info.family, front, port, None, str(info.name.service)))

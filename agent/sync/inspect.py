@@ -55,6 +55,10 @@ def explain_service(loop: SyncLoop, key: NamespacedName, sync_period: float, ker
         changed, programmed = seen
         hist.lines.append(f"last change seen {_iso(changed)}, programmed {_iso(programmed)} "
                           f"({max(0.0, programmed - changed) * 1000:.0f} ms later)")
+    flows = loop.udp_cleaned.get(str(key))
+    if flows is not None:
+        hist.lines.append(f"UDP conntrack cleanup: {flows[0]} stale flow(s) handed to the mode since start, "
+                          f"last {_iso(flows[1])}")
     e.steps.append(hist)
     return e
 

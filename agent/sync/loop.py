@@ -75,6 +75,7 @@ class SyncLoop:
         self.skipped: Counter[tuple[str, str]] = Counter()
         self.history: dict[NamespacedName, tuple[float, float]] = {}
         self.source: dict[str, tuple[str, float]] = {}  # kind -> (state in words, since when)
+        self.udp_cleaned: dict[str, tuple[int, float]] = {}  # Service -> (stale UDP flows handed to the mode, when)
         self.repaired = 0  # service ports whose drift the mode repaired
 
     # -- inputs (source threads) ------------------------------------------------------------
@@ -220,7 +221,12 @@ class SyncLoop:
         self.metrics.last_sync.set(self._wall())
         self.metrics.last_programmed.set(queued_at)
         self.health.updated()
-        self._stale_flows = []  # the mode cleaned them up
+        for flow in self._stale_flows:  # the mode cleans them up now: remembered per Service for `explain`
+            n, _ = self.udp_cleaned.pop(flow.service, (0, 0.0))
+            self.udp_cleaned[flow.service] = (n + 1, self._wall())
+        while len(self.udp_cleaned) > self.HISTORY:
+            del self.udp_cleaned[next(iter(self.udp_cleaned))]
+        self._stale_flows = []
         now = self._wall()
         self.last["full" if full else "partial"] = (now, elapsed, result.detail)
         self.totals = dict(result.totals)

@@ -119,3 +119,21 @@ def test_explain_finds_drift_and_status_sums_up(node: Node) -> None:
         assert wait_for(lambda: ask(node, "explain", "default/ex-drift")[0] == 0, 40), "never repaired"
     finally:
         node.remove("drift")
+
+
+def test_explain_history_counts_udp_flows_cleaned(node: Node) -> None:
+    """Step 5: when a UDP endpoint goes, the stale flows to it are handed to the mode's cleanup
+    (conntrack, or socket destroy in the eBPF mode), counted per Service."""
+    ip = node.cluster_ip()[0]
+    dns = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    ep_dns = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
+    node.apply("udp", [service("ex-udp", ip, dns), slice_("ex-udp-1", "ex-udp", [endpoint("pod-a"), endpoint("pod-b")],
+                                                          ep_dns)])
+    try:
+        node.apply("udp", [service("ex-udp", ip, dns), slice_("ex-udp-1", "ex-udp", [endpoint("pod-a")], ep_dns)])
+        _, data = ask(node, "explain", "default/ex-udp", "--all")
+        history = data["steps"][-1]
+        assert history["title"] == "recent history", data
+        assert any("UDP conntrack cleanup: " in line for line in history["lines"]), history
+    finally:
+        node.remove("udp")
