@@ -77,6 +77,10 @@ class Backend(Protocol):
         """Remove everything this mode ever created, and nothing else (not another mode's state).
         Idempotent."""
 
+    def features(self) -> dict[str, str]:
+        """What this mode found and uses on this node, in words (for `status`), e.g. the iptables
+        variant or the nftables writer. Cheap: nothing is probed that the mode did not already."""
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """Read the kernel state of these service ports (their chains, map elements, virtual
         servers or map entries) and compare it with what the mode writes for them. Writes nothing."""
@@ -176,6 +180,9 @@ class NotBuilt:
 
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         return Programmed(["this mode is not built: nothing is programmed"])
+
+    def features(self) -> dict[str, str]:
+        return {}
 
     def close(self, timeout: float) -> None:
         """Nothing runs."""

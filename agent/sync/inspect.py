@@ -67,10 +67,18 @@ def status(loop: SyncLoop, health: ProxyHealth) -> dict[str, Any]:
     """The one-screen summary (`kube-proxy-agent status`), as data."""
     counts = loop.counts()
     healthy, body = health.status(check_node=True)
+    if not body.get("nodeEligible", True):
+        body["reason"] = "the Node is being deleted (load balancers should stop sending traffic here)"
+    elif not healthy:
+        body["reason"] = (f"a change has waited more than {health.timeout:g}s without a successful sync; see the "
+                          "'sync failed' log lines")
+    else:
+        body["reason"] = "every queued change was programmed in time"
     last = {kind: {"at": _iso(at), "seconds": round(sec, 4), "detail": detail}
             for kind, (at, sec, detail) in loop.last.items()}
     return {
         "mode": loop.backend.name,
+        "features": loop.backend.features(),
         "ready": loop.ready.is_set(),
         "health": {"healthy": healthy, **body},
         "syncs": loop.syncs,
@@ -86,9 +94,10 @@ def status(loop: SyncLoop, health: ProxyHealth) -> dict[str, Any]:
 
 def render_status(s: dict[str, Any]) -> str:
     h = s["health"]
-    lines = [f"mode:      {s['mode']}",
-             f"health:    {'healthy' if h['healthy'] else 'UNHEALTHY'} (last update {h.get('lastUpdated') or 'never'}"
-             + ("" if h.get("nodeEligible", True) else ", node being deleted") + ")",
+    feats = ", ".join(f"{k} {v}" for k, v in s.get("features", {}).items())
+    lines = [f"mode:      {s['mode']}" + (f" ({feats})" if feats else ""),
+             f"health:    {'healthy' if h['healthy'] else 'UNHEALTHY'}: {h.get('reason', '')} "
+             f"(last update {h.get('lastUpdated') or 'never'})",
              f"ready:     {'yes' if s['ready'] else 'no: waiting for the first full lists from the source'}",
              f"syncs:     {s['syncs']} done, {s['failedSyncs']} failed"]
     for kind, v in s["lastSync"].items():

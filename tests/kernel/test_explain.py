@@ -114,7 +114,7 @@ def test_explain_finds_drift_and_status_sums_up(node: Node) -> None:
         assert rc == 1 and step is not None and "drift" in step["problem"], data
         assert "periodic sync" in step["fix"]
         rc, status = ask(node, "status")
-        assert status["mode"] == node.mode and status["health"]["healthy"] is True
+        assert status["mode"] == node.mode and status["health"]["healthy"] is True and status["features"]
         assert status["counts"]["servicePorts"] >= 1 and status["syncs"] >= 1
         assert wait_for(lambda: ask(node, "explain", "default/ex-drift")[0] == 0, 40), "never repaired"
     finally:

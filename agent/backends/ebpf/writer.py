@@ -490,6 +490,9 @@ class EbpfBackend:
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         return "".join(L.render_family(desired[f]) for f in self.families)
 
+    def features(self) -> dict[str, str]:
+        return {"bpffs": str(self.pin_dir), "devices": ",".join(sorted(self._devices)) or "-", "compiler": "bcc"}
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """Each frontend's service entries read back from the pinned maps (master: backend count,
         flags, service id; slots: backends, decoded), compared with what this run wrote for it; a

@@ -179,6 +179,10 @@ class IptablesBackend:
             parts.append(f"# IPv{fam}: input for {tool} --noflush\n{text}")
         return "".join(parts)
 
+    def features(self) -> dict[str, str]:
+        return {"iptables": self.tools.variant or "plain",
+                "localhost NodePorts": "on" if self._route_localnet else "off"}
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """Each port's own chains as iptables-save prints them, and its lines in the shared chains
         (found by their comment); a chain whose rule count differs from what is written is drift."""

@@ -538,6 +538,9 @@ class IpvsBackend:
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         return R.render(desired, self.families, self.scheduler)
 
+    def features(self) -> dict[str, str]:
+        return {"ipvs": "netlink", "iptables": self.tools.variant or "plain"}
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """The virtual server of each cluster, external and load-balancer IP frontend and its real
         servers with their connection counts, read over netlink; a missing virtual server or a real

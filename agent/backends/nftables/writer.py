@@ -291,6 +291,10 @@ class NftablesBackend:
             parts.append(f"# IPv{fam}: input for nft -f\n{text}")
         return "".join(parts)
 
+    def features(self) -> dict[str, str]:
+        nft = self.nft
+        return {"writer": nft.name if nft is not None else "none"}
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """Each port's chains (rule counts, from `nft list chain`) and map elements (`nft get
         element`), read with the nft binary (the sync thread owns the libnftables context); a
