@@ -346,12 +346,15 @@ def test_apiserver_restarted_mid_run(k: Kit) -> None:
     # and the agents are still the same processes (they rode it out, no restart)
     for node in (n1, n2):
         assert node.proxy is not None and node.proxy.running() and node.proxy.starts == starts[node.name]
-    # A restarted apiserver's watch cache starts at the current revision: the agents' watches
-    # resumed from older resourceVersions got 410 Gone, and they relisted without flushing (the
-    # rules kept serving all along, above).
-    relisted = [node.name for node in (n1, n2) if node.proxy is not None
-                and "watch expired (410 Gone); relisting without flushing rules" in node.proxy.log.read_text()]
-    assert relisted, "no agent saw 410 Gone after the apiserver restart"
+    # Each agent noticed the outage and came back by one of two correct paths: a watch resumed from
+    # an older resourceVersion got 410 Gone and relisted without flushing, or the apiserver answered
+    # 403 / refused connections for a while (its authorizer not ready yet) and the watches then
+    # resumed. Either way the rules kept serving and every change after it was programmed (above).
+    for node in (n1, n2):
+        assert node.proxy is not None
+        log_text = node.proxy.log.read_text()
+        assert ("watch expired (410 Gone); relisting without flushing rules" in log_text
+                or "API call failed" in log_text), f"{node.name} never noticed the apiserver restart"
 
 
 def _agent_events(k: Kit, node: SimNode) -> list[JSON]:
