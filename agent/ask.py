@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from agent.model.explain import Step
+from agent.model.explain import Step, judged
 
 
 def agent_url(bind: str, path: str) -> str:
@@ -78,10 +78,7 @@ def with_probe(data: dict[str, Any]) -> dict[str, Any]:
     step = probe_step(data.get("targets", []))
     at = len(steps) - 1 if steps and steps[-1]["title"] == "recent history" else len(steps)
     steps.insert(at, asdict(step))
-    broken = next((s for s in steps if not s["ok"]), None)
-    data["ok"] = broken is None
-    data["verdict"] = f"{broken['title']}: {broken['problem']}" if broken else "ok: nothing found wrong on this node"
-    return data
+    return judged(data)
 
 
 def emit(data: dict[str, Any], output: str, text: str) -> None:

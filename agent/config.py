@@ -60,11 +60,14 @@ def parse_duration(text: str | int | float, what: str) -> float:
     return total
 
 
+def _items(text: str | list[str]) -> list[str]:
+    """A config list, or a comma-separated flag value without its empty parts."""
+    return text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
 
 
 def parse_nodeport_addresses(text: str | list[str], what: str) -> tuple[str, ...]:
     """CIDRs, or ("primary",) alone, as kube-proxy takes --nodeport-addresses."""
-    items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
+    items = _items(text)
     if any(str(i).strip() == PRIMARY for i in items):
         if len(items) != 1:
             raise ConfigError(f"{what}: 'primary' cannot be combined with CIDRs; give one or the other")
@@ -73,9 +76,8 @@ def parse_nodeport_addresses(text: str | list[str], what: str) -> tuple[str, ...
 
 
 def parse_cidrs(text: str | list[str], what: str) -> tuple[str, ...]:
-    items = text if isinstance(text, list) else [t for t in text.split(",") if t.strip()]
     out = []
-    for item in items:
+    for item in _items(text):
         try:
             if "/" not in item:
                 raise ValueError("no prefix length")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.model.desired import ServicePlan
-from agent.model.endpoints import EndpointInfo
+from agent.model.endpoints import EndpointInfo, merge_slices
 from agent.model.serviceport import ServicePortInfo
 from agent.model.state import ServiceFacts
 
@@ -39,11 +39,26 @@ class Explanation:
     @property
     def verdict(self) -> str:
         b = self.broken
-        return f"{b.title}: {b.problem}" if b else "ok: nothing found wrong on this node"
+        return _verdict(b.title, b.problem) if b else NOTHING_WRONG
 
     def as_dict(self) -> dict[str, Any]:
         return {"service": self.service, "verdict": self.verdict, "ok": self.broken is None,
                 "steps": [asdict(s) for s in self.steps], "targets": self.targets}
+
+
+NOTHING_WRONG = "ok: nothing found wrong on this node"
+
+
+def _verdict(title: str, problem: str) -> str:
+    return f"{title}: {problem}"
+
+
+def judged(data: dict[str, Any]) -> dict[str, Any]:
+    """Set `ok` and `verdict` of an explanation's data (as_dict) again after steps were added."""
+    b = next((s for s in data["steps"] if not s["ok"]), None)
+    data["ok"] = b is None
+    data["verdict"] = _verdict(b["title"], b["problem"]) if b else NOTHING_WRONG
+    return data
 
 
 def render_text(e: Explanation | dict[str, Any], all_steps: bool = False) -> str:
@@ -149,6 +164,7 @@ def endpoints_step(f: ServiceFacts) -> Step:
         step.fix = (f"check that the Service's selector matches running pods (kubectl get pods -n {f.key.namespace} "
                     "-l ...) and that they declare the targetPort")
         return step
+    merged, _ = merge_slices(f.slices.values())  # as the model merges them for the plans
     for info in f.ports:
         plan = f.plans.get(info.family, {}).get(info.name)
         label = f"port {info.name.port or '-'}/{info.protocol} IPv{info.family}"
@@ -160,8 +176,7 @@ def endpoints_step(f: ServiceFacts) -> Step:
             step.fix = ("the slices' port names must equal the Service's port names; with a named targetPort, "
                         "the pods must declare a container port of that name")
             return step
-        eps = sorted({e for s in f.slices.values() if s.family == info.family
-                      for (n, p), es in s.ports if (n, p) == (info.name.port, info.protocol) for e in es})
+        eps = list(merged.get((info.family, (info.name.port, info.protocol)), ()))
         step.lines.append(f"{label}: " + ("; ".join(_ep(e) for e in eps) if eps else "no endpoints"))
         if plan is None:
             continue

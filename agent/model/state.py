@@ -53,11 +53,10 @@ class Update:
 @dataclass(frozen=True, slots=True)
 class SkipNote:
     """Why a Service is not proxied (`unproxied`: headless, ExternalName, another proxy's), or what
-    was wrong with it (`problems`); `whole`: nothing of it is programmed."""
+    was wrong with it (`problems`)."""
 
     unproxied: str = ""
     problems: tuple[str, ...] = ()
-    whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +112,9 @@ class ClusterModel:
         self.services: ChangeTracker[NamespacedName, tuple[ServicePortInfo, ...]] = ChangeTracker()
         self.slices: ChangeTracker[NamespacedName, SliceInfo] = ChangeTracker()
         self._slices_by_service: dict[NamespacedName, set[NamespacedName]] = {}
-        self._unproxied: set[NamespacedName] = set()
-        self._skipped: dict[NamespacedName, SkipNote] = {}  # Services not (fully) proxied, and why
+        # Services not proxied (headless, ExternalName, another proxy's: their slices are fine) or
+        # partly invalid, and why (for `explain`)
+        self._skipped: dict[NamespacedName, SkipNote] = {}
         self._unlabelled: dict[str, set[str]] = {}  # namespace -> slices without a service label
         self._node = NodeInfo()
         self._node_dirty = True
@@ -128,17 +128,14 @@ class ClusterModel:
     def on_service(self, key: NamespacedName, svc: Service | None) -> list[Problem]:
         problems: list[Problem] = []
         ports: tuple[ServicePortInfo, ...] | None = None
-        self._unproxied.discard(key)
         self._skipped.pop(key, None)
         if svc is not None:
             ok, why = is_proxied(svc)
             if ok:
                 infos, problems = service_ports(svc)
                 ports = tuple(infos) or None
-            else:
-                self._unproxied.add(key)  # headless, ExternalName, another proxy's: its slices are fine
-            if not ok or problems:  # kept for `explain`: one short entry per such Service
-                self._skipped[key] = SkipNote(why, tuple(p.detail for p in problems), ports is None)
+            if not ok or problems:
+                self._skipped[key] = SkipNote(why, tuple(p.detail for p in problems))
         self.services.update(key, ports)
         return problems
 
@@ -156,6 +153,10 @@ class ClusterModel:
             del self._unlabelled[key.namespace]
         self.slices.update(key, info)
         return problems
+
+    def _unproxied(self, key: NamespacedName) -> bool:
+        note = self._skipped.get(key)
+        return note is not None and bool(note.unproxied)
 
     @property
     def skipped_services(self) -> int:
@@ -278,7 +279,7 @@ class ClusterModel:
                 self._slices_by_service.get(prev.service, set()).discard(key)
             if cur is not None:
                 self._slices_by_service.setdefault(cur.service, set()).add(key)
-                if cur.service not in self.services.committed and cur.service not in self._unproxied:
+                if cur.service not in self.services.committed and not self._unproxied(cur.service):
                     update.problems.append(Problem(
                         "EndpointSlice", str(key), "unknown_service",
                         f"belongs to Service {cur.service}, which does not exist (yet); ignored until it does"))

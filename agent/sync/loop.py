@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
+from typing import TypeVar
 
 from agent.backends.base import Backend, SyncError
 from agent.health import ProxyHealth, ServiceHealthServers
@@ -221,21 +222,16 @@ class SyncLoop:
         self.metrics.last_sync.set(self._wall())
         self.metrics.last_programmed.set(queued_at)
         self.health.updated()
-        for flow in self._stale_flows:  # the mode cleans them up now: remembered per Service for `explain`
-            n, _ = self.udp_cleaned.pop(flow.service, (0, 0.0))
-            self.udp_cleaned[flow.service] = (n + 1, self._wall())
-        while len(self.udp_cleaned) > self.HISTORY:
-            del self.udp_cleaned[next(iter(self.udp_cleaned))]
-        self._stale_flows = []
         now = self._wall()
+        for flow in self._stale_flows:  # the mode cleans them up now: remembered per Service for `explain`
+            n, _ = self.udp_cleaned.get(flow.service, (0, 0.0))
+            _remember(self.udp_cleaned, flow.service, (n + 1, now), self.HISTORY)
+        self._stale_flows = []
         self.last["full" if full else "partial"] = (now, elapsed, result.detail)
         self.totals = dict(result.totals)
         self.repaired += result.repaired
-        for spn in {p for ports in update.changed.values() for p in ports}:
-            self.history.pop(spn.service, None)
-            self.history[spn.service] = (queued_at, now)
-        while len(self.history) > self.HISTORY:
-            del self.history[next(iter(self.history))]
+        for svc in {p.service for ports in update.changed.values() for p in ports}:
+            _remember(self.history, svc, (queued_at, now), self.HISTORY)
         self._after_sync()
         log.info("sync done mode=%s full=%s changed_ports=%d seconds=%.4f %s %s%s", self.backend.name, full,
                  changed_count, elapsed, " ".join(f"{k}={v}" for k, v in sorted(result.totals.items())),
@@ -258,3 +254,15 @@ class SyncLoop:
         if self._hc is not None and self._tallies.health_checks_changed:
             self._tallies.health_checks_changed = False
             self._hc.update(self._tallies.health_checks)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(d: dict[K, V], key: K, value: V, cap: int) -> None:
+    """Set `key` as the most recent entry of `d`, dropping the oldest beyond `cap` entries."""
+    d.pop(key, None)
+    d[key] = value
+    while len(d) > cap:
+        del d[next(iter(d))]

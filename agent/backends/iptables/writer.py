@@ -204,8 +204,8 @@ class IptablesBackend:
                     if len(have) != len(intended):
                         out.differences.append(f"IPv{fam} {table} chain {name} has {len(have)} rule(s), "
                                                f"{len(intended)} intended")
+            own = [name for cs in rules.chains.values() for name, _ in cs]
             for (table, chain), intended in rules.dispatch.items():
-                own = [name for cs in rules.chains.values() for name, _ in cs]
                 have = [ln for ln in saved[(fam, table)] if ln.startswith(f"-A {chain} ")
                         and (f'"{spn} ' in ln or any(ln.endswith(f"-j {c}") for c in own))]
                 out.lines.append(f"{table} {chain}: {len(have)} line(s) for {spn}")

@@ -300,14 +300,14 @@ class NftablesBackend:
         element`), read with the nft binary (the sync thread owns the libnftables context); a
         missing chain or element, or a rule count that differs, is drift."""
         out = Programmed()
-        binary = NftCommand().binary
+        nft = NftCommand()
         for plan in plans:
             fam = plan.info.family
             t = N.table_ref(fam)
             s = render_service(plan, nodes[fam])
             for name, intended in s.chains:
                 try:
-                    listed = NftCommand().list_json(f"chain {t} {name}")
+                    listed = nft.list_json(f"chain {t} {name}")
                     rules = [e["rule"] for e in listed.get("nftables", []) if "rule" in e]
                 except (CommandError, ValueError):
                     out.lines.append(f"chain {name}: missing")
@@ -318,7 +318,7 @@ class NftablesBackend:
                     out.differences.append(f"IPv{fam} chain {name} has {len(rules)} rule(s), {len(intended)} intended")
             for mapname, key, verdict, _ in s.elements:
                 try:
-                    run([binary, "get", "element", *t.split(), mapname, "{", key, "}"], timeout=30)
+                    run([nft.binary, "get", "element", *t.split(), mapname, "{", key, "}"], timeout=30)
                     out.lines.append(f"{mapname}: {key}{' : ' + verdict if verdict else ''}")
                 except CommandError:
                     out.lines.append(f"{mapname}: {key} missing")
