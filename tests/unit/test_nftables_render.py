@@ -52,6 +52,7 @@ def state(node: NodeContext, *plans: ServicePlan) -> DesiredState:
 def names(name: str, *endpoints: EndpointInfo, affinity: int = 0) -> dict[str, str]:
     s = str(spn(name))
     out = {kind: N.service_chain(kind, s, "TCP") for kind in ("svc", "svl", "ext", "fw")}
+    out["esvc"], out["esvl"] = N.endpoint_map(out["svc"]), N.endpoint_map(out["svl"])
     for i, e in enumerate(endpoints, 1):
         out[f"aff{i}"] = N.affinity_set(s, "TCP", e.address, affinity)
     return out
@@ -90,6 +91,10 @@ add set ip kube-proxy-agent hairpin { type ipv4_addr . ipv4_addr ; }
 flush set ip kube-proxy-agent hairpin
 add set ip kube-proxy-agent cluster-ips { type ipv4_addr ; }
 flush set ip kube-proxy-agent cluster-ips
+""" + "".join(
+    f"add map ip kube-proxy-agent {m} {{ typeof numgen random mod 1 : ip daddr ; }}\n"
+    f"flush map ip kube-proxy-agent {m}\n" for m in N.ENDPOINT_MAPS
+) + """\
 add chain ip kube-proxy-agent mark-for-masquerade
 add rule ip kube-proxy-agent mark-for-masquerade meta mark set meta mark | 0x4000
 add chain ip kube-proxy-agent masquerading
@@ -186,8 +191,7 @@ CASES: list[tuple[str, NodeContext, ServicePlan, dict[str, str], str]] = [
         """\
 add chain ip kube-proxy-agent $svc
 add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.3:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @$esvc : 8080
 add element ip kube-proxy-agent service-ips {
 \t10.96.0.10 . tcp . 80 comment "default/web:http cluster IP" : jump $svc,
 }
@@ -197,6 +201,10 @@ add element ip kube-proxy-agent hairpin {
 }
 add element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
+}
+add element ip kube-proxy-agent $esvc {
+\t0 : 10.244.1.2,
+\t1 : 10.244.1.3,
 }
 """,
     ),
@@ -209,7 +217,7 @@ add element ip kube-proxy-agent cluster-ips {
         """\
 add chain ip kube-proxy-agent $svc
 add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext jump mark-for-masquerade
 add rule ip kube-proxy-agent $ext goto $svc
@@ -224,6 +232,9 @@ add element ip kube-proxy-agent hairpin {
 }
 add element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
+}
+add element ip kube-proxy-agent $esvc {
+\t0 : 10.244.1.2,
 }
 """,
     ),
@@ -285,11 +296,10 @@ add element ip kube-proxy-agent cluster-ips {
         """\
 add chain ip kube-proxy-agent $svc
 add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.9.9:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $svl
 add rule ip kube-proxy-agent $svl ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svl meta l4proto tcp dnat to 10.244.1.2:8080
+add rule ip kube-proxy-agent $svl meta l4proto tcp dnat ip to numgen random mod 1 offset 4 map @$esvl : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
 add rule ip kube-proxy-agent $ext fib saddr type local jump mark-for-masquerade
@@ -308,6 +318,13 @@ add element ip kube-proxy-agent hairpin {
 add element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
 }
+add element ip kube-proxy-agent $esvl {
+\t4 : 10.244.1.2,
+}
+add element ip kube-proxy-agent $esvc {
+\t0 : 10.244.1.2,
+\t1 : 10.244.9.9,
+}
 """,
     ),
     (
@@ -319,7 +336,7 @@ add element ip kube-proxy-agent cluster-ips {
         """\
 add chain ip kube-proxy-agent $svc
 add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.9.9:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
 add rule ip kube-proxy-agent $ext fib saddr type local jump mark-for-masquerade
@@ -338,6 +355,9 @@ add element ip kube-proxy-agent hairpin {
 }
 add element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
+}
+add element ip kube-proxy-agent $esvc {
+\t0 : 10.244.9.9,
 }
 """,
     ),
@@ -369,7 +389,7 @@ add element ip kube-proxy-agent cluster-ips {
         """\
 add chain ip kube-proxy-agent $svc
 add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 443 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.3:8080
+add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext jump mark-for-masquerade
 add rule ip kube-proxy-agent $ext goto $svc
@@ -392,10 +412,13 @@ add element ip kube-proxy-agent hairpin {
 add element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
 }
+add element ip kube-proxy-agent $esvc {
+\t0 : 10.244.1.3,
+}
 """,
     ),
     (
-        "IPv6: the same shapes in table ip6, with ip6 matches and [addr]:port DNAT targets",
+        "IPv6: the same shapes in table ip6, with ip6 matches and address . port DNAT targets",
         NODE6,
         ServicePlan(info("web", "fd00:96::10", 6, node_port=30080), (ep("fd00:244::2"),), has_any=True),
         names("web"),
@@ -403,7 +426,7 @@ add element ip kube-proxy-agent cluster-ips {
 add chain ip6 kube-proxy-agent $svc
 add rule ip6 kube-proxy-agent $svc ip6 daddr fd00:96::10 tcp dport 80 ip6 saddr != fd00:244::/64 \
 jump mark-for-masquerade
-add rule ip6 kube-proxy-agent $svc meta l4proto tcp dnat to [fd00:244::2]:8080
+add rule ip6 kube-proxy-agent $svc meta l4proto tcp dnat ip6 to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip6 kube-proxy-agent $ext
 add rule ip6 kube-proxy-agent $ext jump mark-for-masquerade
 add rule ip6 kube-proxy-agent $ext goto $svc
@@ -418,6 +441,9 @@ add element ip6 kube-proxy-agent hairpin {
 }
 add element ip6 kube-proxy-agent cluster-ips {
 \tfd00:96::10,
+}
+add element ip6 kube-proxy-agent $esvc {
+\t0 : fd00:244::2,
 }
 """,
     ),
@@ -452,8 +478,8 @@ def synced(*plans: ServicePlan) -> tuple[NftRenderer, DesiredState]:
 
 
 def test_partial_render_holds_only_the_changed_service() -> None:
-    """One endpoint of `web` replaced among three services: only web's chain is rewritten and
-    only the hairpin elements of the endpoints that came and went change."""
+    """One endpoint of `web` replaced among three services: no chain is rewritten, only web's
+    endpoint map element and the hairpin elements of the endpoints that came and went change."""
     other = ServicePlan(info("other", "10.96.0.20"), (A,), has_any=True)
     third = ServicePlan(info("third", "10.96.0.30", node_port=30090), (B,), has_any=True)
     web = ServicePlan(info("web"), (A, B), has_any=True)
@@ -464,17 +490,20 @@ def test_partial_render_holds_only_the_changed_service() -> None:
     n = names("web")
     assert not out.full
     assert out.text == Template("""\
-flush chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080
-add rule ip kube-proxy-agent $svc meta l4proto tcp dnat to 10.244.1.4:8080
+delete element ip kube-proxy-agent $esvc {
+\t9,
+}
 add element ip kube-proxy-agent hairpin {
 \t10.244.1.4 . 10.244.1.4,
 }
-""").substitute(n)  # 10.244.1.3 stays: `third` still uses it
+add element ip kube-proxy-agent $esvc {
+\t9 : 10.244.1.4,
+}
+""").substitute(n)  # 10.244.1.3 stays: `third` still uses it; web's block starts at 8
     for name in ("other", "third"):
         assert all(c not in out.text for c in names(name).values())
-    assert out.written["chains"] == 1 and out.written["rules"] == 3 and out.written["hairpin"] == 1
+    assert out.written["chains"] == 0 and out.written["rules"] == 0 and out.written["hairpin"] == 1
+    assert out.written["endpoints"] == 2
     assert out.totals["service-ips"] == 3 and out.totals["hairpin"] == 3
 
 
@@ -496,12 +525,15 @@ delete element ip kube-proxy-agent hairpin {
 delete element ip kube-proxy-agent cluster-ips {
 \t10.96.0.10,
 }
+delete element ip kube-proxy-agent $esvc {
+\t0,
+}
 flush chain ip kube-proxy-agent $svc
 flush chain ip kube-proxy-agent $ext
 delete chain ip kube-proxy-agent $svc
 delete chain ip kube-proxy-agent $ext
 """).substitute(names("web"))
-    assert out.totals == {**{m: 0 for m, _, _ in N.MAPS}, "chains": 13, "rules": 25}
+    assert out.totals == {**{N.map_label(m): 0 for m, _, _ in N.MAPS}, "chains": 13, "rules": 25}
 
 
 def test_partial_render_endpoints_gone_swaps_dnat_for_reject() -> None:
@@ -605,7 +637,20 @@ def test_random_partial_renders_agree_with_a_full_render() -> None:
         r.render(st, changed, full=False)
     fresh = NftRenderer(4)
     full = fresh.render(st, (), full=True)
-    assert r._kernel == fresh._kernel
+
+    def endpoint_maps(kernel: dict[str, dict[str, Any]], inside: bool) -> dict[str, Any]:
+        return {m: v for m, v in kernel.items() if m.startswith(N.ENDPOINTS + "-") == inside}
+
+    assert endpoint_maps(r._kernel, False) == endpoint_maps(fresh._kernel, False)
+    # the endpoint maps' numbers depend on the order blocks were taken; what they hold is exactly
+    # what the chains point at, no two chains share a number, and the same endpoints are there
+    pointed = [(m, k, v) for s in r._memo.values() for m, k, v, _ in s.elements if m.startswith(N.ENDPOINTS)]
+    assert len({(m, k) for m, k, _ in pointed}) == len(pointed)
+    held = {(m, k): v for m, items in endpoint_maps(r._kernel, True).items() for k, (v, _) in items.items()}
+    assert held == {(m, k): v for m, k, v in pointed}
+    assert sorted(held.values()) == sorted(
+        v for items in endpoint_maps(fresh._kernel, True).values() for v, _ in items.values()
+    )
     assert r._totals() == full.totals
 
 
@@ -710,7 +755,7 @@ def test_periodic_check_is_one_small_transaction_with_the_changes_in_it() -> Non
     assert not out.full and not out.missing and out.reasserted == 2
     assert f"flush table {T4}" not in out.text and f"flush map {T4}" not in out.text
     assert f"flush chain {T4} {N.SERVICES}\n" in out.text
-    assert out.text.index("dnat to 10.244.1.3:8080") < out.text.index(f"add chain {T4} {N.SERVICES}")
+    assert out.text.index(": 10.244.1.3,") < out.text.index(f"add chain {T4} {N.SERVICES}")
     n = names("db")
     assert f"add chain {T4} {n['svc']}\nflush chain {T4} {n['svc']}\n" in out.text
     assert f"10.96.0.20 . tcp . 80 comment \"default/db:http cluster IP\" : jump {n['svc']}," in out.text
@@ -796,3 +841,48 @@ def test_load_balancer_ips_join_the_source_ranges_when_the_node_is_in_them() -> 
     assert rules[names("lb")["fw"]] == (
         'ip saddr != { 192.168.0.0/16, 203.0.113.7/32 } drop comment "default/lb:http source not in '
         'loadBalancerSourceRanges"',)
+
+
+# -- endpoint maps ------------------------------------------------------------------------------------
+
+
+def test_slots_keep_a_block_while_the_endpoints_fit_and_reuse_released_ones() -> None:
+    from agent.backends.nftables.render import Slots
+
+    s = Slots()
+    assert s.place("svc-a", 1) == 0 and s.place("svc-b", 3) == 4  # blocks of at least 4
+    assert s.place("svc-a", 4) == 0  # still fits
+    assert s.place("svc-a", 5) == 8  # outgrew it: a block of 8; 0..3 is free again
+    assert s.place("svc-c", 2) == 0
+    s.release(["svc-b", "svc-gone"])
+    assert s.place("svc-d", 1) == 4 and len(s) == 3
+
+
+def test_endpoint_count_change_rewrites_the_rule_and_elements_in_one_transaction() -> None:
+    """Two endpoints become five: the block of four is outgrown, so the rule (its modulus and
+    offset) and every element move together; a later swap at five touches elements only."""
+    other = ServicePlan(info("other", "10.96.0.20"), (A,), has_any=True)
+    web = ServicePlan(info("web"), (A, B), has_any=True)
+    r, st = synced(other, web)
+    more = tuple(ep(f"10.244.2.{i}") for i in range(5))
+    st.services[web.name] = dataclasses.replace(web, cluster=more)
+    out = r.render(st, {web.name}, full=False)
+    n = names("web")
+    rule = f"meta l4proto tcp dnat ip to numgen random mod 5 offset 8 map @{n['esvc']} : 8080"
+    assert f"add rule {T4} {n['svc']} {rule}\n" in out.text
+    assert f"delete element {T4} {n['esvc']} {{\n\t4,\n\t5,\n}}" in out.text
+    assert "\t12 : 10.244.2.4," in out.text
+    st.services[web.name] = dataclasses.replace(web, cluster=(*more[:4], ep("10.244.3.1")))
+    out = r.render(st, {web.name}, full=False)
+    assert out.written["rules"] == 0 and out.written["endpoints"] == 2 and "\t12 : 10.244.3.1," in out.text
+
+
+def test_endpoints_on_different_ports_take_the_cascade() -> None:
+    """A named port resolving to different numbers on different pods: the map holds addresses
+    only, so such a Service DNATs through per-endpoint rules."""
+    plan = ServicePlan(info("mixed"), (A, ep("10.244.1.3", port=9090)), has_any=True)
+    s = render_service(plan, NODE4)
+    rules = dict(s.chains)[names("mixed")["svc"]]
+    assert rules[1:] == ("numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080",
+                         "meta l4proto tcp dnat to 10.244.1.3:9090")
+    assert not s.slots and not [e for e in s.elements if e[0].startswith(N.ENDPOINTS)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import zlib
 
 TABLE = "kube-proxy-agent"
 PROBE_TABLE = "kube-proxy-agent-probe"
@@ -26,7 +27,18 @@ CLUSTER_IPS = "cluster-ips"  # set of every Service's cluster IP: other ports of
 NODEPORT_IPS = "nodeport-ips"  # addresses taking node ports, only with --nodeport-addresses
 CLUSTER_CIDRS = "cluster-cidrs"  # interval set, only when a family has several cluster CIDRs
 
-# (name, key, verdict map?) where key is "addr.proto.port", "proto.port", "addr.addr" or "addr".
+# Endpoint maps: number -> endpoint address . port, the DNAT targets of every svc-/svl- chain
+# (`dnat to numgen random mod N offset BASE map @endpoints-NN`). Changing a Service's endpoints is
+# then an element update, which the kernel takes without revalidating the table (a changed rule
+# with a dnat or jump in it costs ~90 ms of validation at 10k Services). Sharded by chain: the
+# kernel checks each added element against every rule bound to its map (one map at 10k Services:
+# a full sync took 16 s), and finds a map by name by walking the table's list of sets.
+ENDPOINT_SHARDS = 64
+ENDPOINTS = "endpoints"  # the shards' common prefix, and the name their counts are reported under
+ENDPOINT_MAPS = tuple(f"{ENDPOINTS}-{i:02d}" for i in range(ENDPOINT_SHARDS))
+
+# (name, key, map?) where key is "addr.proto.port", "proto.port", "addr.addr", "addr" (verdict maps
+# and sets) or "endpoint" (the endpoint maps: number : address . port).
 MAPS: tuple[tuple[str, str, bool], ...] = (
     (SERVICE_IPS, "addr.proto.port", True),
     (SERVICE_NODEPORTS, "proto.port", True),
@@ -36,6 +48,7 @@ MAPS: tuple[tuple[str, str, bool], ...] = (
     (FIREWALL_IPS, "addr.proto.port", True),
     (HAIRPIN, "addr.addr", False),
     (CLUSTER_IPS, "addr", False),
+    *((name, "endpoint", True) for name in ENDPOINT_MAPS),
 )
 
 # Regular chains shared by all services.
@@ -108,3 +121,13 @@ def service_chain(kind: str, spn: str, protocol: str) -> str:
 def affinity_set(spn: str, protocol: str, endpoint: str, seconds: int) -> str:
     """The timeout is part of the name, so a changed timeout is a new set, never a redefinition."""
     return f"aff-{endpoint_hash(spn, protocol, endpoint)}-{seconds}"
+
+
+def endpoint_map(chain: str) -> str:
+    """The endpoint map shard a svc-/svl- chain's endpoints live in."""
+    return ENDPOINT_MAPS[zlib.crc32(chain.encode()) % ENDPOINT_SHARDS]
+
+
+def map_label(name: str) -> str:
+    """The name a map's counts are reported under: the endpoint shards as one."""
+    return ENDPOINTS if name.startswith(ENDPOINTS + "-") else name

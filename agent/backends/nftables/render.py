@@ -19,10 +19,13 @@ Layout of `table ip kube-proxy-agent` (and `ip6`, identical but for addresses):
            then (forward) accept marked and established traffic
          cluster-ips-check: still addressed to a cluster IP after DNAT (a port the Service does
            not have): reject; to an unallocated address of the service CIDRs: drop
-  per service port: svc-H (cluster endpoints), svl-H (local endpoints): masquerade mark, affinity
-         checks, then a numgen cascade whose rules DNAT; ext-H (external traffic), fw-H
-         (loadBalancerSourceRanges); with sessionAffinity a dynamic set aff-E-<seconds> per
-         endpoint.
+  maps   endpoints-00..63       number : endpoint address, the DNAT targets: each svc-/svl-
+                                chain holds a block of numbers (a slot) in one shard
+  per service port: svc-H (cluster endpoints), svl-H (local endpoints): masquerade mark, then one
+         `dnat to numgen random mod N offset SLOT map @endpoints-NN : PORT` rule, so that changing the
+         endpoints only changes map elements; ext-H (external traffic), fw-H
+         (loadBalancerSourceRanges). With sessionAffinity (a dynamic set aff-E-<seconds> per
+         endpoint), or endpoints on different ports, a numgen cascade of per-endpoint DNAT rules.
 
 Each service port renders to a `ServiceNft` (its sets, chains and map elements), cached between
 syncs. A full render rewrites the table in one transaction (flush table, flush maps, declare
@@ -60,6 +63,7 @@ class ServiceNft:
     sets: tuple[tuple[str, str], ...]  # (name, declaration), e.g. "{ typeof ip saddr ; ... }"
     chains: tuple[tuple[str, tuple[str, ...]], ...]  # (name, rules), each chain after those it uses
     elements: tuple[Element, ...]  # unique (map, key)
+    slots: tuple[str, ...] = ()  # chains holding a block of endpoint map numbers
 
     @property
     def rule_count(self) -> int:
@@ -123,9 +127,51 @@ def _key(ip: str, proto: str, port: int) -> str:
     return f"{ip} . {proto} . {port}"
 
 
-def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
+class Slots:
+    """Blocks of endpoint map numbers, one per svc-/svl- chain that DNATs through a map. A block
+    holds a power of two numbers (at least MIN); a chain keeps its block while its endpoints fit, so
+    an endpoint change rewrites elements only, and moves to a bigger block when they outgrow it
+    (its rule changes then anyway: the modulus is in it)."""
+
+    MIN = 4
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[int, int]] = {}  # chain -> (first number, size)
+        self._free: dict[int, list[int]] = {}  # size -> first numbers of released blocks
+        self._next = 0
+
+    def place(self, chain: str, n: int) -> int:
+        """The first number of `chain`'s block, for `n` endpoints."""
+        held = self._held.get(chain)
+        if held is not None and n <= held[1]:
+            return held[0]
+        if held is not None:
+            self.release((chain,))
+        size = max(self.MIN, 1 << (n - 1).bit_length())
+        free = self._free.get(size)
+        if free:
+            base = free.pop()
+        else:
+            base, self._next = self._next, self._next + size
+        self._held[chain] = (base, size)
+        return base
+
+    def release(self, chains: Iterable[str]) -> None:
+        for chain in chains:
+            held = self._held.pop(chain, None)
+            if held is not None:
+                self._free.setdefault(held[1], []).append(held[0])
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def render_service(plan: ServicePlan, node: NodeContext, slots: Slots | None = None) -> ServiceNft:
     """The sets, chains and map elements of one service port: the same decisions as iptables
-    render_service, expressed as chains reached from verdict maps."""
+    render_service, expressed as chains reached from verdict maps. `slots` places the endpoint map
+    numbers of its chains (the renderer's, which remembers them; a fresh one when rendering alone)."""
+    slots = slots if slots is not None else Slots()
+    slotted: list[str] = []
     info = plan.info
     fam = info.family
     ip = N.family_keyword(fam)
@@ -147,6 +193,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
     # costs each later transaction (nft 1.0 dumps all chains before adding a rule or element, and
     # the kernel revalidates every reachable rule), and 100k endpoint chains made a one-endpoint
     # sync take 700 ms at 10k services. Hairpin traffic is marked by the `hairpin` set instead.
+    # Without affinity, the DNAT is one rule and the endpoints are elements of an endpoint map.
     endpoints: dict[str, EndpointInfo] = {}
     for ep in sorted(plan.all_endpoints, key=lambda e: (e.ip, e.port)):
         endpoints.setdefault(ep.address, ep)
@@ -167,18 +214,30 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
     cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
     pods = cluster_cidrs_match(node)
 
-    def spread(eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
+    def spread(chain: str, eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
         rules: list[str] = []
         if node.masquerade_all:
             rules.append(f"{cluster_match} jump {N.MARK_MASQ}")
         elif pods:
             rules.append(f"{cluster_match} {ip} saddr != {pods} jump {N.MARK_MASQ}")
+        ports = {e.port for e in eps}
+        if not info.affinity_seconds and len(ports) == 1:
+            # A uniform choice among n numbers of the chain's block, each mapped to an endpoint
+            # address; the port is in the rule (nft 1.0 cannot reload a map whose data is an
+            # address . port concatenation usable by both TCP and UDP rules, so endpoints that
+            # differ in port, rare, take the cascade below).
+            base = slots.place(chain, len(eps))
+            emap = N.endpoint_map(chain)
+            for i, e in enumerate(eps):
+                element(emap, str(base + i), e.ip, "")
+            slotted.append(chain)
+            rules.append(f"meta l4proto {proto} dnat {ip} to numgen random mod {len(eps)} offset {base} "
+                         f"map @{emap} : {ports.pop()}")
+            return tuple(rules)
         if info.affinity_seconds:
             rules += [f"{ip} saddr @{aff_names[e.address]} {actions[e.address]}" for e in eps]
-        # Uniform choice as a cascade (like iptables' statistic rules): endpoint i is taken with
-        # probability 1/(n-i) among those left. Not `numgen random mod n vmap { ... }`: every such
-        # vmap is an anonymous set, and the kernel looks sets up by walking the table's set list,
-        # so a full sync of 10k services took 84 s instead of 5 s.
+        # Otherwise a uniform choice as a cascade (like iptables' statistic rules): endpoint i is
+        # taken with probability 1/(n-i) among those left, each rule refreshing its affinity set.
         n = len(eps)
         for i, e in enumerate(eps[:-1]):
             rules.append(f"numgen random mod {n - i} == 0 {actions[e.address]}")
@@ -186,9 +245,9 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         return tuple(rules)
 
     if plan.cluster:
-        chains.append((svc_chain, spread(plan.cluster)))
+        chains.append((svc_chain, spread(svc_chain, plan.cluster)))
     if plan.local:
-        chains.append((svl_chain, spread(plan.local)))
+        chains.append((svl_chain, spread(svl_chain, plan.local)))
 
     # Cluster IP.
     cip_key = _key(info.cluster_ip, proto, info.port)
@@ -251,6 +310,7 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceNft:
         sets=tuple(sets),
         chains=tuple(chains),
         elements=tuple((m, k, v, c) for (m, k), (v, c) in elements.items()),
+        slots=tuple(slotted),
     )
 
 
@@ -337,17 +397,32 @@ def _element_block(verb: str, t: str, mapname: str, items: list[str]) -> list[st
 
 def _add_item(key: str, value: ElemValue) -> str:
     verdict, comment = value
-    return f"{key} {_comment(comment)} : {verdict}" if verdict else key
+    if not verdict:
+        return key
+    return f"{key} {_comment(comment)} : {verdict}" if comment else f"{key} : {verdict}"
 
 
-def _key_type(family: int, key: str) -> str:
+def _map_type(family: int, key: str, is_map: bool) -> str:
+    """A map's or set's type declaration."""
     addr = _addr_type(family)
-    return {
+    if key == "endpoint":
+        return f"typeof numgen random mod 1 : {N.family_keyword(family)} daddr"
+    keytype = {
         "addr.proto.port": f"{addr} . inet_proto . inet_service",
         "proto.port": "inet_proto . inet_service",
         "addr.addr": f"{addr} . {addr}",
         "addr": addr,
     }[key]
+    return f"type {keytype} : verdict" if is_map else f"type {keytype}"
+
+
+def _by_label(counts: dict[str, int]) -> dict[str, int]:
+    """Per-map counts with the endpoint shards summed under one name."""
+    out: dict[str, int] = {}
+    for name, n in counts.items():
+        label = N.map_label(name)
+        out[label] = out.get(label, 0) + n
+    return out
 
 
 def _chain_lines(t: str, name: str, rules: tuple[str, ...]) -> list[str]:
@@ -364,8 +439,8 @@ def _maps_and_node_sets(family: int, t: str, node: NodeContext, flush_maps: bool
     """The table's maps declared (emptied when `flush_maps`) and this node's sets refilled."""
     lines = []
     for mapname, key, is_map in N.MAPS:
-        kind, data = ("map", " : verdict") if is_map else ("set", "")
-        lines.append(f"add {kind} {t} {mapname} {{ type {_key_type(family, key)}{data} ; }}")
+        kind = "map" if is_map else "set"
+        lines.append(f"add {kind} {t} {mapname} {{ {_map_type(family, key, is_map)} ; }}")
         if flush_maps:
             lines.append(f"flush {kind} {t} {mapname}")
     for name, flags, members in node_sets(node):
@@ -399,6 +474,7 @@ class NftRenderer:
         self._owners: dict[tuple[str, str], dict[ServicePortName, ElemValue]] = {}
         self._kernel: dict[str, dict[str, ElemValue]] = {m: {} for m, _, _ in N.MAPS}
         self._node: NodeContext | None = None
+        self._slots = Slots()
         self._chains = 0  # chains and rules owned by service ports
         self._rules = 0
         self.known = False
@@ -413,11 +489,16 @@ class NftRenderer:
         if full:
             self.recreate = True
 
+    def rendered(self, spn: ServicePortName) -> ServiceNft | None:
+        """What this renderer last rendered for a port (its endpoint map numbers are the ones
+        written)."""
+        return self._memo.get(spn)
+
     def needs_full(self, desired: DesiredState) -> bool:
         return not self.known or desired.node != self._node
 
     def _totals(self) -> dict[str, int]:
-        totals = {m: len(elems) for m, elems in self._kernel.items()}
+        totals = _by_label({m: len(elems) for m, elems in self._kernel.items()})
         totals["chains"] = BASE_CHAIN_COUNT + self._chains
         totals["rules"] = self._base_rules + self._rules
         return totals
@@ -512,7 +593,8 @@ class NftRenderer:
                     adds[mapname].append(_add_item(key, value))
         for mapname, items in adds.items():
             lines += _element_block("add", t, mapname, items)
-            out.written[mapname] = out.written.get(mapname, 0) + len(items)
+            label = N.map_label(mapname)
+            out.written[label] = out.written.get(label, 0) + len(items)
         out.written["chains"] = out.written.get("chains", 0) + BASE_CHAIN_COUNT + chains
         out.written["rules"] = out.written.get("rules", 0) + n_rules
         out.text = "\n".join(lines) + "\n"
@@ -529,8 +611,11 @@ class NftRenderer:
             plan = desired.services[spn]
             old = old_memo.get(spn)
             memo[spn] = old if old is not None and old.node == node and old.plan == plan else (
-                render_service(plan, node)
+                render_service(plan, node, self._slots)
             )
+        for spn, old in old_memo.items():
+            kept = memo.get(spn)
+            self._slots.release(c for c in old.slots if kept is None or c not in kept.slots)
 
         wanted_chains = set(N.FIXED_CHAINS)
         wanted_sets = {m for m, _, _ in N.MAPS} | {name for name, _, _ in node_sets(node)}
@@ -589,6 +674,7 @@ class NftRenderer:
             items = [_add_item(k, v) for k, v in self._kernel[mapname].items()]
             lines += _element_block("add", t, mapname, items)
             written[mapname] = len(items)
+        written = _by_label(written)
 
         written["chains"] = BASE_CHAIN_COUNT + self._chains + len(stale_chains)
         written["rules"] = n_rules + self._rules
@@ -616,11 +702,13 @@ class NftRenderer:
                 continue
             if old is None and plan is None:
                 continue
-            new = render_service(plan, node) if plan is not None else None
+            new = render_service(plan, node, self._slots) if plan is not None else None
             if new is None:
                 del self._memo[spn]
             else:
                 self._memo[spn] = new
+            if old is not None:
+                self._slots.release(c for c in old.slots if new is None or c not in new.slots)
 
             old_sets = dict(old.sets) if old else {}
             new_sets = dict(new.sets) if new else {}
@@ -685,7 +773,7 @@ class NftRenderer:
         lines += [f"delete chain {t} {c}" for c in remove]
         lines += del_sets
 
-        written = {m: len(deletes[m]) + len(adds[m]) for m, _, _ in N.MAPS}
+        written = _by_label({m: len(deletes[m]) + len(adds[m]) for m, _, _ in N.MAPS})
         written["chains"] = len(declare) + len(flush) + len(remove)
         written["rules"] = len(body)
         text = "\n".join(lines) + "\n" if lines else ""

@@ -141,10 +141,13 @@ def probe_text(family: int) -> str:
             f"add table {t}",
             f"add map {t} m {{ type {addr_t} . inet_proto . inet_service : verdict ; }}",
             f"add set {t} h {{ type {addr_t} . {addr_t} ; }}",
+            f"add map {t} e {{ typeof numgen random mod 1 : {ip} daddr ; }}",
             f"add set {t} a {{ typeof {ip} saddr ; flags dynamic,timeout ; timeout 10s ; }}",
             f"add chain {t} svc",
             f"add rule {t} svc {ip} saddr @a meta l4proto tcp update @a {{ {ip} saddr }} dnat to {dest}",
             f"add rule {t} svc numgen random mod 2 == 0 meta l4proto tcp dnat to {dest}",
+            f"add rule {t} svc meta l4proto udp dnat {ip} to numgen random mod 2 offset 4 map @e : 80",
+            f"add element {t} e {{ 4 : {addr}, 5 : {addr} }}",
             f"add element {t} m {{ {addr} . tcp . 80 : jump svc }}",
             f"add chain {t} nat {{ type nat hook prerouting priority -100 ; }}",
             f"add rule {t} nat {ip} daddr != {addr} fib daddr type local tcp dport 1 accept",
@@ -304,7 +307,10 @@ class NftablesBackend:
         for plan in plans:
             fam = plan.info.family
             t = N.table_ref(fam)
-            s = render_service(plan, nodes[fam])
+            renderer = self._renderers.get(fam)
+            # the sync's own rendering when it has one: it knows the endpoint map numbers written
+            written = renderer.rendered(plan.info.name) if renderer is not None else None
+            s = written if written is not None and written.plan == plan else render_service(plan, nodes[fam])
             for name, intended in s.chains:
                 try:
                     listed = nft.list_json(f"chain {t} {name}")
