@@ -13,8 +13,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from agent import log as logsetup
 from agent.backends import registry
 from agent.backends.base import Backend, SyncError, UnsupportedMode
@@ -29,6 +27,7 @@ from agent.config import (
     parse_setting,
     validate,
 )
+from agent.files import FileError, documents
 from agent.health import ProxyHealth, ServiceHealthServers, health_responder, serve
 from agent.kernel.commands import CommandError
 from agent.metrics import Metrics
@@ -77,10 +76,11 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
     values: dict[str, Any] = {}
     settings = registry.settings()
     if ns.config:
-        try:
-            doc = yaml.safe_load(Path(ns.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--config {ns.config}: cannot read: {exc}") from exc
+        docs = documents(Path(ns.config), "--config")  # FileError names the file and line
+        doc = (docs[0] if docs else None) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"--config {ns.config}: expected a KubeProxyConfiguration mapping, "
+                              f"not {type(doc).__name__}")
         values.update(from_config_file(doc, settings))
     flag_map: dict[str, Any] = {
         "proxy_mode": ns.proxy_mode,
@@ -337,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kube-proxy-agent: {exc}", file=sys.stderr)
         return 2
+    except FileError as exc:  # a file given that does not parse: the message names it and the line
+        print(f"kube-proxy-agent: {exc}", file=sys.stderr)
+        return 1
     logsetup.setup(cfg.verbosity)
     try:
         if command == "render":
@@ -361,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"kube-proxy-agent: {exc}", file=sys.stderr)
         return 2
+    except FileError as exc:
+        print(f"kube-proxy-agent: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import random
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,6 +22,7 @@ import msgspec
 import urllib3
 from kubernetes import client, config
 
+from agent.files import FileError, documents
 from agent.model.records import DecodeError, Record, from_json
 from agent.model.serviceport import NamespacedName, Problem
 from agent.sources.base import Sink, key_of
@@ -85,11 +87,18 @@ _WITHOUT = {
 
 
 def load_client_config(kubeconfig: str | None) -> client.Configuration:
+    """The API client's configuration from --kubeconfig, else in-cluster; FileError (naming the
+    file, and the line when it does not parse) when it cannot be had."""
     cfg = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
-    else:
-        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    try:
+        if kubeconfig:
+            documents(Path(kubeconfig), "--kubeconfig")  # a syntax error, with its line, before the client's
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except config.ConfigException as exc:
+        where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster configuration (no --kubeconfig)"
+        raise FileError(f"{where}: {exc}") from None
     return cfg
 
 

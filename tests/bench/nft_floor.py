@@ -26,6 +26,8 @@ CASES = (
     ("add table (no cache fetch)", f"add table {T}\n"),
     ("hairpin set element", f"add element {T} hairpin {{ 10.9.9.9 . 10.9.9.9 }}\n"
                             f"delete element {T} hairpin {{ 10.9.9.9 . 10.9.9.9 }}\n"),
+    ("endpoint map element", f"add element {T} endpoints-00 {{ 4000000000 : 10.9.9.9 }}\n"
+                             f"delete element {T} endpoints-00 {{ 4000000000 }}\n"),
     ("chain with a counter rule", f"add chain {T} zz\nflush chain {T} zz\nadd rule {T} zz counter\n"),
     ("chain with a dnat rule", f"add chain {T} zz\nflush chain {T} zz\n"
                                f"add rule {T} zz meta l4proto tcp dnat to 10.1.1.1:80\n"),

@@ -189,3 +189,42 @@ def test_file_source_replaces_every_kind_and_reports_problems(tmp_path: Path) ->
 def test_file_source_check_names_a_missing_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--source"):
         FileSource(str(tmp_path / "nope"), RecordingSink()).check()
+
+
+def test_a_file_broken_at_run_time_keeps_its_last_good_objects(tmp_path: Path) -> None:
+    """At start-up a file that does not parse is an error naming it (check); later, an edit that
+    breaks it is reported once and its objects stay, while the other files' changes still load."""
+    from agent.files import FileError
+
+    (tmp_path / "web.yaml").write_text("---\n".join([SERVICE, SLICE]))
+    (tmp_path / "node.json").write_text(json.dumps({"kind": "List", "items": []}))
+    sink = RecordingSink()
+    src = FileSource(str(tmp_path), sink)
+    src.check()
+    src.load_once()
+    assert sink.replaced["Service"] == ["shop/web"]
+    (tmp_path / "web.yaml").write_text(SERVICE + "spec: {ports: [unclosed\n")
+    node = {"kind": "Node", "metadata": {"name": "node-a"}}
+    (tmp_path / "node.json").write_text(json.dumps({"kind": "List", "items": [node]}))
+    src.load_once()
+    assert sink.replaced["Service"] == ["shop/web"] and sink.replaced["EndpointSlice"] == ["shop/web-abc"]
+    assert sink.replaced["Node"] == ["/node-a"]  # cluster-scoped: no namespace
+    assert [(p.object, p.reason) for p in sink.problems] == [(str(tmp_path / "web.yaml"), "unreadable")]
+    assert "web.yaml: line 8, column 1" in sink.problems[0].detail
+    with pytest.raises(FileError, match=r"--source .*web.yaml: line 8"):
+        FileSource(str(tmp_path), RecordingSink()).check()
+    (tmp_path / "web.yaml").write_text(SLICE)
+    src.load_once()
+    assert sink.replaced["Service"] == [] and sink.replaced["EndpointSlice"] == ["shop/web-abc"]
+
+
+def test_json_is_decoded_as_json_and_names_the_line_of_an_error(tmp_path: Path) -> None:
+    doc = {"kind": "List", "items": [{"apiVersion": "v1", "kind": "Service",
+                                      "metadata": {"name": "web", "namespace": "shop"},
+                                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}]}
+    (tmp_path / "a.json").write_text(json.dumps(doc, indent=1))
+    records, problems = load(tmp_path)
+    assert names(records)["Service"] == ["shop/web"] and not problems
+    (tmp_path / "a.json").write_text(json.dumps(doc, indent=1).replace('"web"', "web"))
+    _, problems = load(tmp_path)
+    assert "a.json: line 8: not valid JSON" in problems[0].detail

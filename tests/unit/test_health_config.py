@@ -24,6 +24,7 @@ from agent.config import (
     parse_nodeport_addresses,
     validate,
 )
+from agent.files import FileError
 from agent.health import HealthCheckService, ProxyHealth, ServiceHealthServers, health_responder
 
 # -- ProxyHealth -----------------------------------------------------------------------------
@@ -416,19 +417,45 @@ def test_flags_and_file_are_validated_together(config_file: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("content", "error", "message"),
     [
-        (None, "cannot read"),
-        ("mode: [unclosed", "cannot read"),
-        ("kind: KubeletConfiguration\n", "expected KubeProxyConfiguration"),
+        (None, FileError, r"--config .*kube-proxy.yaml: cannot read: No such file"),
+        ("mode: iptables\nmetricsBindAddress: [unclosed\n", FileError,
+         r"--config .*kube-proxy.yaml: line 3, column 1: did not find expected ',' or '\]'"),
+        ("kind: KubeletConfiguration\n", ConfigError, "expected KubeProxyConfiguration"),
+        ("- a list\n", ConfigError, "expected a KubeProxyConfiguration mapping"),
     ],
 )
-def test_bad_config_file(tmp_path: Path, content: str | None, message: str) -> None:
+def test_bad_config_file(tmp_path: Path, content: str | None, error: type[Exception], message: str) -> None:
+    """A config file that cannot be read or parsed names the file and the line (the agent exits 1
+    on it); one that parses but is not a KubeProxyConfiguration is a configuration error."""
     path = tmp_path / "kube-proxy.yaml"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(error, match=message):
         build("--config", str(path), "--hostname-override", "node-a")
+
+
+def test_malformed_files_exit_1_naming_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--config, --source and --kubeconfig: a file that does not parse stops the agent at start-up
+    with exit code 1 and a message naming the file and line."""
+    from agent.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Service\nmetadata: {name: [x\n")
+    cases = [
+        ["--config", str(bad), "--hostname-override", "node-a"],
+        ["--source", str(bad), "--hostname-override", "node-a", "--once"],
+        ["--kubeconfig", str(bad), "--hostname-override", "node-a", "--once"],
+    ]
+    for args in cases:
+        assert main(args) == 1, args
+        err = capsys.readouterr().err
+        assert f"{bad}: line 3, column 1:" in err, err
+    broken_json = tmp_path / "objects.json"
+    broken_json.write_text('{"kind": "List",\n "items": [}\n')
+    assert main(["--source", str(broken_json), "--hostname-override", "node-a", "--once"]) == 1
+    assert f"--source {broken_json}: line 2: not valid JSON" in capsys.readouterr().err
 
 
 def test_bad_flag_value() -> None:
