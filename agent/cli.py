@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--source", help="read Services/EndpointSlices/Nodes from this YAML file or directory, not the API")
     a("--once", action="store_true", help="sync once and exit (non-zero if the sync failed)")
     a("--cleanup", action="store_true", help="remove every rule this mode created, then exit")
+    a("--cleanup-kube-proxy", action="store_true", default=None,
+      help="take over from kube-proxy: once this agent's first sync serves, remove kube-proxy's iptables "
+      "chains and nftables tables (never the kubelet's); stop kube-proxy first")
     a("-v", "--v", dest="verbosity", type=int, default=None, help="log verbosity (4+ is debug)")
     modes = p.add_argument_group("mode settings (read by the mode they belong to)")
     for setting in registry.settings():
@@ -97,6 +100,7 @@ def build_config(ns: argparse.Namespace) -> AgentConfig:
                             if ns.min_sync_period else None),
         "source": ns.source,
         "once": ns.once or None,
+        "cleanup_kube_proxy": ns.cleanup_kube_proxy,
         "verbosity": ns.verbosity,
     }
     values.update({k: v for k, v in flag_map.items() if v is not None})
@@ -168,7 +172,21 @@ def cmd_render(cfg: AgentConfig, what: str) -> int:
 
 def remove_other_modes(cfg: AgentConfig) -> None:
     """Once this mode serves, remove what any other mode of ours left on the node (a mode switch:
-    the new datapath first, then the old one goes). Each mode removes only its own state."""
+    the new datapath first, then the old one goes), and with --cleanup-kube-proxy what upstream
+    kube-proxy left (a takeover). Each mode removes only its own state."""
+    if cfg.cleanup_kube_proxy:
+        from agent.kernel import kubeproxy
+
+        try:
+            done = kubeproxy.cleanup()
+        except (CommandError, OSError) as exc:
+            log.warning("could not remove kube-proxy's rules error=%r; what was removed stays removed; "
+                        "stop kube-proxy and run `kube-proxy --cleanup`, or restart this agent to retry", str(exc))
+        else:
+            for line in done:
+                log.info("takeover from kube-proxy: %s", line)
+            if not done:
+                log.info("takeover from kube-proxy: nothing of kube-proxy's found on this node")
     for spec in registry.SPECS:
         if spec.name == cfg.proxy_mode:
             continue

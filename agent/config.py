@@ -32,6 +32,7 @@ class AgentConfig:
     min_sync_period: float = 1.0
     source: str | None = None
     once: bool = False
+    cleanup_kube_proxy: bool = False  # a takeover: remove kube-proxy's rules once ours serve
     verbosity: int = 0
     # mode-specific settings given by flag or config file (Setting.name -> value); a mode gets its
     # own, with defaults for the rest

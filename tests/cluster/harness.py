@@ -100,6 +100,7 @@ class SimNode:
     proxy_kind: str  # "agent" or "kube-proxy"
     mode: str
     proxy: Proc | None = None
+    extra_args: list[str] = field(default_factory=list)  # more agent flags (e.g. --cleanup-kube-proxy)
     _ips: Iterator[int] = field(default_factory=lambda: itertools.count(10))
     # eBPF mode: the node's own cgroup (its pods' and its own sockets are made there, so the
     # agent's socket hooks see them and no other node's) and its own directory on bpffs
@@ -389,7 +390,7 @@ class Harness:
                 "--sync-period", self.sync_period, "--metrics-bind-address", "127.0.0.1:10249"]
         if node.sockets is not None:
             argv += ["--ebpf-cgroup-root", node.sockets.cgroup, "--ebpf-bpffs-root", node.bpffs]
-        return argv
+        return argv + node.extra_args
 
     def start_proxy(self, node: SimNode, wait: bool = True) -> float:
         """Start (or restart) the node's proxy; seconds until its first sync."""
