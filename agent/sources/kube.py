@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,12 @@ class KubeSource:
         self._lock = threading.Lock()
         self.on_error: list[Any] = []  # callbacks(resource kind) for metrics
         self.on_state: list[Any] = []  # callbacks(resource kind, state in words) for `status`
+        # An outage is one streak: its first failed call is logged (warning), the rest are counted
+        # (metric) and logged at debug, and the first success after the last failing kind
+        # recovers ends it with one line. kind -> failed calls in the current streak.
+        self._failing: dict[str, int] = {}
+        self._streak_started = 0.0
+        self._streak_failures = 0
 
     def _headers(self) -> dict[str, str]:
         return api_headers(self.cfg)
@@ -211,6 +218,7 @@ class KubeSource:
                     records, rv = self.list(res)
                     self.sink.replace_all(res.kind, records)
                     self._state(res.kind, f"listed {len(records)}, watching")
+                    self._recovered(res.kind)
                     backoff = 0.5  # the API answers again: a later outage starts from a short wait
                     if absent:
                         log.info("optional resource readable again kind=%s objects=%d", res.kind, len(records))
@@ -272,9 +280,32 @@ class KubeSource:
             cb(res.kind)
         self._state(res.kind, f"failing, retrying: {str(exc)[:200]}")
         delay = backoff * (1 + random.random() * 0.2)
-        log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs",
-                    res.kind, str(exc)[:500], delay)
+        with self._lock:
+            first = not self._failing
+            self._failing[res.kind] = self._failing.get(res.kind, 0) + 1
+            if first:
+                self._streak_started, self._streak_failures = time.monotonic(), 0
+            self._streak_failures += 1
+        if first:
+            log.warning("API call failed kind=%s error=%r; rules stay in place, retrying in %.1fs (further "
+                        "failures until the API answers again are counted in kubeproxyagent_api_errors_total "
+                        "and logged at debug)", res.kind, str(exc)[:500], delay)
+        else:
+            log.debug("API call failed again kind=%s error=%r; retrying in %.1fs", res.kind, str(exc)[:500], delay)
         self._stop.wait(delay)
+
+    def _recovered(self, kind: str) -> None:
+        """A call of `kind` succeeded: the end of its part of a streak; the last kind to recover
+        closes the streak with one line."""
+        with self._lock:
+            if kind not in self._failing:
+                return
+            failures = self._streak_failures
+            del self._failing[kind]
+            done = not self._failing
+        if done:
+            log.info("API calls succeed again after failures=%d over %.1fs; every list is current",
+                     failures, time.monotonic() - self._streak_started)
 
     def start(self) -> None:
         for res in self.resources:

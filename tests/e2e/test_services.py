@@ -355,6 +355,10 @@ def test_apiserver_restarted_mid_run(k: Kit) -> None:
         log_text = node.proxy.log.read_text()
         assert ("watch expired (410 Gone); relisting without flushing rules" in log_text
                 or "API call failed" in log_text), f"{node.name} never noticed the apiserver restart"
+        # an outage is one streak: one warning for its first failed call (of any kind), one line
+        # when every kind answers again; the retries in between are counted, not logged
+        streaks = log_text.count("msg=API call failed kind=")
+        assert streaks <= 1 and log_text.count("msg=API calls succeed again") == streaks, log_text[-3000:]
 
 
 def _agent_events(k: Kit, node: SimNode) -> list[JSON]:
