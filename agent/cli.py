@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import select
 import signal
 import socket
 import sys
@@ -272,11 +275,19 @@ def run_daemon(cfg: AgentConfig) -> int:
             backend.close(5)
             return 0
     runner.start()
-    # Poll, never block: Python runs signal handlers in the main thread only, and a SIGTERM the
-    # kernel delivers to another thread does not interrupt a main thread blocked on a lock, so a
-    # plain stop.wait() could miss it until the next (never coming) wakeup: SIGTERM ignored.
-    while not stop.wait(0.5):
-        pass
+    # Python runs signal handlers in the main thread only, and a SIGTERM the kernel delivers to
+    # another thread does not interrupt a main thread blocked on a lock (a plain stop.wait() could
+    # miss it: SIGTERM ignored). The C-level handler writes every signal to the wakeup fd whichever
+    # thread takes it, so the main thread sleeps on that fd (no polling at idle) and runs the
+    # handler when it wakes.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    while not stop.is_set():
+        select.select([wake_r], [], [], 60)
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 512)
     log.info("stopping; programmed rules stay in place (use --cleanup to remove them)")
     source.stop()
     runner.stop()

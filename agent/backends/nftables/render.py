@@ -46,6 +46,7 @@ from agent.model.endpoints import EndpointInfo
 from agent.model.serviceport import ServicePortName
 
 VERDICT = {"drop": "drop", "reject": f"goto {N.REJECT}"}
+ENDPOINT_MAPS = frozenset(N.ENDPOINT_MAPS)
 MAX_COMMENT = 120
 _UNSAFE = re.compile(r'[^A-Za-z0-9 ._/:@+=,()-]')
 
@@ -209,7 +210,12 @@ def render_service(plan: ServicePlan, node: NodeContext, slots: Slots | None = N
             )
             update = f" update @{aff} {{ {ip} saddr }}"
         actions[address] = f"meta l4proto {proto}{update} dnat to {address}"
-        element(N.HAIRPIN, f"{ep.ip} . {ep.ip}", "", "")
+        # An endpoint reaching itself through this node: a pod of this node (or an endpoint with
+        # no node named) through any frontend; a pod elsewhere only through a frontend reachable
+        # from other nodes (a NodePort, external or load-balancer IP). Cluster IP traffic is DNATed
+        # on the client's own node.
+        if not ep.node_name or ep.node_name == node.node_name or info.externally_accessible:
+            element(N.HAIRPIN, f"{ep.ip} . {ep.ip}", "", "")
 
     cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
     pods = cluster_cidrs_match(node)
@@ -473,6 +479,9 @@ class NftRenderer:
         # as the iptables mode's first matching rule (services in sorted order) would win.
         self._owners: dict[tuple[str, str], dict[ServicePortName, ElemValue]] = {}
         self._kernel: dict[str, dict[str, ElemValue]] = {m: {} for m, _, _ in N.MAPS}
+        # Endpoint map elements are one chain's each (its block of numbers): written straight from
+        # the rendered ports, with no owner bookkeeping; only their count is kept.
+        self._endpoint_elements = 0
         self._node: NodeContext | None = None
         self._slots = Slots()
         self._chains = 0  # chains and rules owned by service ports
@@ -499,6 +508,7 @@ class NftRenderer:
 
     def _totals(self) -> dict[str, int]:
         totals = _by_label({m: len(elems) for m, elems in self._kernel.items()})
+        totals[N.ENDPOINTS] = self._endpoint_elements
         totals["chains"] = BASE_CHAIN_COUNT + self._chains
         totals["rules"] = self._base_rules + self._rules
         return totals
@@ -586,7 +596,10 @@ class NftRenderer:
                 lines += _chain_block(t, name, rules, flush=True)
                 n_rules += len(rules)
                 chains += 1
-            for mapname, key, _, _ in s.elements:
+            for mapname, key, value_, comment in s.elements:
+                if mapname in ENDPOINT_MAPS:
+                    adds[mapname].append(_add_item(key, (value_, comment)))
+                    continue
                 value = self._kernel[mapname].get(key)
                 owners = self._owners.get((mapname, key), {})
                 if value is not None and owners and min(owners) == spn:
@@ -660,6 +673,8 @@ class NftRenderer:
 
         self._owners = {}
         self._kernel = {m: {} for m, _, _ in N.MAPS}
+        self._endpoint_elements = 0
+        endpoint_items: dict[str, list[str]] = {m: [] for m in N.ENDPOINT_MAPS}
         self._chains = self._rules = 0
         for spn, s in memo.items():
             lines += [f"add set {t} {name} {decl}" for name, decl in s.sets]
@@ -668,10 +683,15 @@ class NftRenderer:
             self._chains += len(s.chains)
             self._rules += s.rule_count
             for mapname, key, verdict, comment in s.elements:
+                if mapname in ENDPOINT_MAPS:
+                    endpoint_items[mapname].append(_add_item(key, (verdict, comment)))
+                    self._endpoint_elements += 1
+                    continue
                 self._owners.setdefault((mapname, key), {})[spn] = (verdict, comment)
                 self._kernel[mapname].setdefault(key, (verdict, comment))
         for mapname, _, _ in N.MAPS:
-            items = [_add_item(k, v) for k, v in self._kernel[mapname].items()]
+            items = endpoint_items[mapname] if mapname in ENDPOINT_MAPS else [
+                _add_item(k, v) for k, v in self._kernel[mapname].items()]
             lines += _element_block("add", t, mapname, items)
             written[mapname] = len(items)
         written = _by_label(written)
@@ -694,6 +714,8 @@ class NftRenderer:
         body: list[str] = []
         remove: list[str] = []
         original: dict[tuple[str, str], ElemValue | None] = {}  # kernel value before this sync
+        deletes: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
+        adds: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
 
         for spn in sorted(set(changed)):
             old = self._memo.get(spn)
@@ -732,11 +754,19 @@ class NftRenderer:
 
             old_elems = {(m, k): (v, c) for m, k, v, c in old.elements} if old else {}
             new_elems = {(m, k): (v, c) for m, k, v, c in new.elements} if new else {}
-            for mk in old_elems.keys() | new_elems.keys():
+            for mk in [*old_elems, *(k for k in new_elems if k not in old_elems)]:  # in a stable order
                 value = new_elems.get(mk)
                 if old_elems.get(mk) == value:
                     continue
                 mapname, key = mk
+                if mapname in ENDPOINT_MAPS:  # this chain's own number: no other port holds it now
+                    if mk in old_elems:
+                        deletes[mapname].append(key)
+                        self._endpoint_elements -= 1
+                    if value is not None:
+                        adds[mapname].append(_add_item(key, value))
+                        self._endpoint_elements += 1
+                    continue
                 if mk not in original:
                     original[mk] = self._kernel[mapname].get(key)
                 owners = self._owners.setdefault(mk, {})
@@ -750,8 +780,6 @@ class NftRenderer:
                     del self._owners[mk]
                     self._kernel[mapname].pop(key, None)
 
-        deletes: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
-        adds: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
         for (mapname, key), before in sorted(original.items()):
             after = self._kernel[mapname].get(key)
             if before == after:
