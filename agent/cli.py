@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--once", action="store_true", help="sync once and exit (non-zero if the sync failed)")
     a("--cleanup", action="store_true", help="remove every rule this mode created, then exit")
     a("--cleanup-kube-proxy", action="store_true", default=None,
-      help="take over from kube-proxy: once this agent's first sync serves, remove kube-proxy's iptables "
-      "chains and nftables tables (never the kubelet's); stop kube-proxy first")
+      help="take over from kube-proxy: once this agent's first sync serves, remove the chains and tables "
+      "kube-proxy programmed (never the kubelet's); stop kube-proxy first")
     a("-v", "--v", dest="verbosity", type=int, default=None, help="log verbosity (4+ is debug)")
     modes = p.add_argument_group("mode settings (read by the mode they belong to)")
     for setting in registry.settings():
