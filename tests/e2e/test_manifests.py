@@ -73,3 +73,39 @@ def test_dry_run_catches_a_typo(harness: Harness) -> None:
         harness.api.apply(bad, dry_run=True, namespace=DEFAULT_NS)
     # (the apiserver answers 500 for apply-patch strict-validation errors; the message names the field)
     assert err.value.status >= 400 and "imagePullPolicyy: field not declared in schema" in err.value.body
+
+
+def test_the_agents_identity_reads_what_it_needs_and_nothing_else(harness: Harness) -> None:
+    """The manifests' RBAC, as the real apiserver enforces it for the agent's service account token:
+    get/list/watch on what it reads and create on Events; no Secrets, no writes to Services,
+    EndpointSlices or Nodes (issue 12, node security)."""
+    from tests.cluster.controlplane import AGENT_NAMESPACE, AGENT_SA
+    from tests.cluster.kubeapi import Api
+
+    cp = harness.cp
+    assert cp is not None
+    agent = Api(cp.server, str(cp.ca), token=cp.token(AGENT_NAMESPACE, AGENT_SA, seconds=600))
+    for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/nodes",
+                 "/apis/networking.k8s.io/v1/servicecidrs"):
+        agent.get(path, limit=1)
+    agent.create({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                  "metadata": {"generateName": "kpa-rbac-", "namespace": "default"},
+                  "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "kube-proxy-agent",
+                  "reportingInstance": "kube-proxy-agent-test", "action": "Check", "reason": "RBACCheck",
+                  "type": "Normal", "regarding": {"kind": "Node", "name": "rbac-check"}})
+    refused = {
+        "read Secrets": lambda: agent.get("/api/v1/secrets"),
+        "read ConfigMaps": lambda: agent.get("/api/v1/configmaps"),
+        "read Pods": lambda: agent.get("/api/v1/pods"),
+        "create a Service": lambda: agent.create({"apiVersion": "v1", "kind": "Service",
+                                                  "metadata": {"name": "kpa-rbac", "namespace": "default"},
+                                                  "spec": {"ports": [{"port": 80}]}}),
+        "delete an EndpointSlice": lambda: agent.request(
+            "DELETE", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes"),
+        "patch a Node": lambda: agent.request("PATCH", "/api/v1/nodes/rbac-check", {"metadata": {}},
+                                              content_type="application/merge-patch+json"),
+    }
+    for what, call in refused.items():
+        with pytest.raises(ApiError) as err:
+            call()
+        assert err.value.status == 403, f"the agent may {what}: HTTP {err.value.status}"

@@ -177,6 +177,9 @@ def test_daemonset_pod_settings() -> None:
     assert c["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
     caps = set(c["securityContext"]["capabilities"]["add"])
     assert caps == {"NET_ADMIN", "NET_RAW", "SYS_RESOURCE", "SYS_MODULE"}
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert not c["securityContext"].get("privileged", False), "only the ebpf and ipvs overlays run privileged"
 
 
