@@ -88,11 +88,12 @@ def test_the_agents_identity_reads_what_it_needs_and_nothing_else(harness: Harne
     for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/nodes",
                  "/apis/networking.k8s.io/v1/servicecidrs"):
         agent.get(path, limit=1)
-    agent.create({"apiVersion": "events.k8s.io/v1", "kind": "Event",
-                  "metadata": {"generateName": "kpa-rbac-", "namespace": "default"},
-                  "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "kube-proxy-agent",
-                  "reportingInstance": "kube-proxy-agent-test", "action": "Check", "reason": "RBACCheck",
-                  "type": "Normal", "regarding": {"kind": "Node", "name": "rbac-check"}})
+    event = {"apiVersion": "events.k8s.io/v1", "kind": "Event",
+             "metadata": {"generateName": "kpa-rbac-", "namespace": "default"},
+             "eventTime": "2026-01-01T00:00:00.000000Z", "reportingController": "kube-proxy-agent",
+             "reportingInstance": "kube-proxy-agent-test", "action": "Check", "reason": "RBACCheck",
+             "type": "Normal", "regarding": {"kind": "Node", "name": "rbac-check"}}
+    agent.post("/apis/events.k8s.io/v1/namespaces/default/events", event)
     refused = {
         "read Secrets": lambda: agent.get("/api/v1/secrets"),
         "read ConfigMaps": lambda: agent.get("/api/v1/configmaps"),

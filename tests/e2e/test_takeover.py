@@ -130,9 +130,12 @@ def test_takeover_from_kube_proxy_and_back_without_losing_a_connection(harness: 
                and ask(client.netns, ip, 53, "udp", timeout=0.5).startswith("web-"), 60,
                what="kube-proxy serves the Service")
     assert kube_proxy_state(node), "kube-proxy programmed nothing"
-    # a kubelet's chain, as the kubelet makes it: the takeover must leave it alone
-    subprocess.run(["ip", "netns", "exec", node.netns, "iptables", "-N", "KUBE-FIREWALL"], check=True)
-    subprocess.run(["ip", "netns", "exec", node.netns, "iptables", "-A", "INPUT", "-j", "KUBE-FIREWALL"], check=True)
+    # the kubelet's chain (kube-proxy's iptables mode makes it too, as the kubelet does) and a jump
+    # into it: the takeover must leave both alone
+    subprocess.run(["ip", "netns", "exec", node.netns, "iptables", "-N", "KUBE-FIREWALL"], check=False,
+                   capture_output=True)
+    subprocess.run(["ip", "netns", "exec", node.netns, "iptables", "-A", "INPUT", "-m", "comment", "--comment",
+                    "kubelet-test", "-j", "KUBE-FIREWALL"], check=True)
     with Traffic(client.netns, ip) as traffic:
         time.sleep(2)
         # 2. the takeover
@@ -158,5 +161,6 @@ def test_takeover_from_kube_proxy_and_back_without_losing_a_connection(harness: 
     assert re.search(r"takeover from kube-proxy: removed (kube-proxy's iptables|nftables table)", log), log[-2000:]
     assert not agent_state(node), agent_state(node)
     assert kube_proxy_state(node), "kube-proxy serves again"
-    assert re.search(r"^-A INPUT -j KUBE-FIREWALL$", _iptables(node), re.MULTILINE), "the kubelet's chain went"
+    assert re.search(r"^-A INPUT -m comment --comment kubelet-test -j KUBE-FIREWALL$", _iptables(node),
+                     re.MULTILINE), "the kubelet's chain went"
     assert not traffic.failed, traffic.failed[:20]
