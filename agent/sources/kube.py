@@ -192,6 +192,7 @@ class KubeSource:
         if res.field_selector:
             q["fieldSelector"] = res.field_selector
         resp = self._get(res.path, q, stream=True, read_timeout=self.WATCH_SECONDS + 30)
+        self._recovered(res.kind)  # the watch resumed: the API answers this kind again
         with self._lock:
             self._responses.add(resp)
         try:
