@@ -336,23 +336,17 @@ class NftablesBackend:
         if nft is None:
             log.info("cleanup: neither libnftables nor nft is available; nothing to remove")
             return
-        try:
-            listed = nft.list_json("tables")
-        except (CommandError, ValueError):
-            listed = None  # unreadable: delete blind (add+delete is a no-op for a missing table)
-        ours = {(str(t.get("family")), str(t.get("name"))) for item in (listed or {}).get("nftables", [])
-                if isinstance(item, dict) and isinstance(t := item.get("table"), dict)} if listed is not None else None
+        # Blind: add+delete is a no-op for a missing table. Not `list tables`: with a big
+        # iptables-nft ruleset in the kernel (our iptables mode at 10k Services, before a mode
+        # switch) nft 1.0 dumped every rule for it, 2.5 minutes of kernel time.
         lines = []
         for kw in ("ip", "ip6"):
             for table in (N.TABLE, N.PROBE_TABLE):
-                if ours is None or (kw, table) in ours:
-                    lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
-        if not lines:
-            return
+                lines += [f"add table {kw} {table}", f"delete table {kw} {table}"]
         rc, _, err = nft.run("\n".join(lines) + "\n")
         if rc != 0:
             self.metrics.cleanup_failures.inc()
             raise SyncError(f"nftables cleanup failed: {err.strip()}")
         for r in self._renderers.values():
             r.reset(full=False)
-        log.info("cleanup removed tables %s (ip, ip6)", N.TABLE)
+        log.info("cleanup: no table %s left (ip, ip6)", N.TABLE)
