@@ -15,6 +15,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def inner(mode: str, size: int, changes: int) -> dict[str, float]:
     backend.close(5)
     if settings.get("ebpf_cgroup_root"):
         os.rmdir(settings["ebpf_cgroup_root"])
+        shutil.rmtree(settings["ebpf_bpffs_root"], ignore_errors=True)  # the (empty) pin root it made
     return {
         "render_s": render_s, "render_lines": text.count("\n"), "full_sync_s": full_s, "resync_s": resync_s,
         "p50_ms": statistics.median(lat) * 1000, "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,

@@ -28,6 +28,7 @@ from agent.backends.ebpf import host
 from agent.backends.ebpf import layout as L
 from agent.backends.ebpf.metrics import EbpfMetrics
 from agent.backends.ebpf.mode import kernel_gap
+from agent.kernel import heap
 from agent.kernel.xtables import (
     Tools,
     cleanup_prefix,
@@ -152,6 +153,7 @@ class EbpfBackend:
             bpf = BPF(text=text, cflags=["-Wno-unused-function", "-Wno-macro-redefined"])
         except Exception as exc:
             raise SyncError(f"ebpf: compiling lb.c failed: {exc}") from exc
+        heap.trim()  # what LLVM took to compile (about 40 MB) goes back before the lists arrive
         for name, attach in PROGRAMS.items():
             if attach is None:
                 self._fns[name] = bpf.load_func(name, BPF.SCHED_CLS)
