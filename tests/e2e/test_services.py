@@ -9,6 +9,7 @@ that shows it), printed in the terminal summary.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -313,6 +314,8 @@ def test_apiserver_restarted_mid_run(k: Kit) -> None:
         k.until_answered_by("before the restart", now(), lambda node=node: k.from_pod(node, ip, 80, timeout=0.3),
                             {"api-a"}, record=False)
     starts = {node.name: node.proxy.starts for node in (n1, n2) if node.proxy is not None}
+    # what the agents logged before this restart (other tests of the session may restart it too)
+    logged = {node.name: len(node.proxy.log.read_text()) for node in (n1, n2) if node.proxy is not None}
 
     def while_down() -> None:
         # the API is gone: the agents keep running and the programmed rules keep serving
@@ -352,7 +355,7 @@ def test_apiserver_restarted_mid_run(k: Kit) -> None:
     # resumed. Either way the rules kept serving and every change after it was programmed (above).
     for node in (n1, n2):
         assert node.proxy is not None
-        log_text = node.proxy.log.read_text()
+        log_text = node.proxy.log.read_text()[logged[node.name]:]
         assert ("watch expired (410 Gone); relisting without flushing rules" in log_text
                 or "API call failed" in log_text), f"{node.name} never noticed the apiserver restart"
         # an outage is one streak: one warning for its first failed call (of any kind), one line
@@ -376,15 +379,17 @@ def _has_event(k: Kit, node: SimNode, type_: str, reason: str, after: float = 0.
                for e in _agent_events(k, node))
 
 
-def _obstruct(node: SimNode, pod_ip: str) -> Callable[[], None]:
+def _obstruct(node: SimNode, pod_ip: str, cluster_ip: str) -> Callable[[], None]:
     """Someone else's rule jumps into the agent's chain for `pod_ip`'s Service, so deleting that
     chain is refused by the kernel. Returns how to take the obstacle away."""
     def run(*argv: str) -> str:
         return sh("ip", "netns", "exec", node.netns, *argv)
     if node.mode == "nftables":
-        table = run("nft", "list", "table", "ip", "kube-proxy-agent")
-        chain = next(block.split()[0] for block in table.split("\tchain ")[1:] if f"{pod_ip} " in block
-                     or f"{pod_ip}:" in block)
+        # the service's chain, from its cluster IP's element (its endpoints are in an endpoint map)
+        vmap = run("nft", "list", "map", "ip", "kube-proxy-agent", "service-ips")
+        m = re.search(rf"{re.escape(cluster_ip)} \. tcp \. 80 .*?: jump ([\w-]+)", vmap)
+        assert m, vmap
+        chain = m.group(1).rstrip(",")
         run("nft", f"add chain ip kube-proxy-agent someone-else; add rule ip kube-proxy-agent someone-else "
             f"jump {chain}")
         # the agent owns its table: the full sync after the refusal removes the stranger itself
@@ -422,7 +427,7 @@ def test_agent_posts_events_about_its_node(k: Kit) -> None:
     ip = cluster_ip(k.service("ev", selector={"app": "web"}))
     k.until_answered_by("events: Service answers", now(), lambda: k.from_pod(n1, ip, 80, timeout=0.3), {"ev-a"},
                         record=False)
-    unblock = _obstruct(n1, p.ip)
+    unblock = _obstruct(n1, p.ip, ip)
     try:
         k.h.api.delete(k.h.service_path(k.ns, "ev"))
         wait_until(lambda: _has_event(k, n1, "Warning", "SyncFailed", since), 30,

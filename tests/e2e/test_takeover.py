@@ -14,71 +14,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.harness import Harness, SimNode, agent_binary, answered, ask, wait_until
+from tests.cluster.harness import Harness, SimNode, agent_binary, ask, wait_until
 from tests.e2e.conftest import REPORTS, mode_unsupported
 from tests.e2e.support import cluster_ip
+from tests.e2e.traffic import Traffic
 
 NS = "e2e-takeover"
 PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
          {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
 KUBELET_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY")
-
-
-class Traffic:
-    """New TCP and UDP connections to one Service from a client pod, back to back, in two threads;
-    each failure is kept with its time and the phase it happened in."""
-
-    def __init__(self, netns: str, ip: str) -> None:
-        self.netns, self.ip = netns, ip
-        self.phase = "kube-proxy"
-        self.tried: dict[str, int] = {}
-        self.failed: list[tuple[float, str, str, str]] = []
-        self.last_ok: dict[str, float] = {}
-        self.gap: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in ("tcp", "udp")]
-        self.t0 = time.monotonic()
-
-    def _run(self, proto: str) -> None:
-        port = 80 if proto == "tcp" else 53
-        while not self._stop.is_set():
-            phase = self.phase
-            reply = ask(self.netns, self.ip, port, proto, timeout=1)
-            now = time.monotonic()
-            self.tried[phase] = self.tried.get(phase, 0) + 1
-            if answered(reply) and reply.startswith("web-"):
-                last = self.last_ok.get(proto)
-                if last is not None:
-                    self.gap[phase] = max(self.gap.get(phase, 0.0), now - last)
-                self.last_ok[proto] = now
-            else:
-                self.failed.append((now - self.t0, phase, proto, reply))
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
-
-    def table(self, mode: str) -> str:
-        elapsed = time.monotonic() - self.t0
-        total = sum(self.tried.values())
-        rows = [f"takeover ({mode}): {total} connections in {elapsed:.0f}s ({total / elapsed:.0f}/s), TCP and UDP",
-                "| phase | tried | failed | longest gap between answers |", "|---|---|---|---|"]
-        for phase, n in self.tried.items():
-            bad = sum(1 for f in self.failed if f[1] == phase)
-            rows.append(f"| {phase} | {n} | {bad} | {self.gap.get(phase, 0.0) * 1000:.0f} ms |")
-        return "\n".join(rows)
 
 
 def _iptables(node: SimNode) -> str:
@@ -136,7 +85,8 @@ def test_takeover_from_kube_proxy_and_back_without_losing_a_connection(harness: 
                    capture_output=True)
     subprocess.run(["ip", "netns", "exec", node.netns, "iptables", "-A", "INPUT", "-m", "comment", "--comment",
                     "kubelet-test", "-j", "KUBE-FIREWALL"], check=True)
-    with Traffic(client.netns, ip) as traffic:
+    targets = [("pod->ClusterIP TCP", client.netns, ip, 80, "tcp"), ("pod->ClusterIP UDP", client.netns, ip, 53, "udp")]
+    with Traffic(targets, phase="kube-proxy") as traffic:
         time.sleep(2)
         # 2. the takeover
         traffic.phase = "kube-proxy stopped, agent --cleanup-kube-proxy"
@@ -156,7 +106,7 @@ def test_takeover_from_kube_proxy_and_back_without_losing_a_connection(harness: 
                         "--hostname-override", node.name], check=True, capture_output=True, timeout=120)
         traffic.phase = "kube-proxy alone"
         time.sleep(2)
-    REPORTS.append(traffic.table(mode))
+    REPORTS.append(traffic.table(f"takeover ({mode})"))
     log = (h.run_dir / "logs" / f"agent-{node.name}.log").read_text()
     assert re.search(r"takeover from kube-proxy: removed (kube-proxy's iptables|nftables table)", log), log[-2000:]
     assert not agent_state(node), agent_state(node)

@@ -1,0 +1,66 @@
+"""New connections to Services, back to back, while a test changes the node under them: every
+failure is kept with its time and the phase it happened in."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.cluster.harness import answered, ask
+
+# (label, client network namespace, address, port, protocol)
+Target = tuple[str, str, str, int, str]
+
+
+class Traffic:
+    """One thread per target, each opening a new connection as soon as the last one answered (or
+    failed, after at most 1 s). A reply counts only if it comes from a pod whose name starts with
+    `backend`."""
+
+    def __init__(self, targets: list[Target], phase: str, backend: str = "web-") -> None:
+        self.targets, self.phase, self.backend = targets, phase, backend
+        self.tried: dict[str, int] = {}
+        self.failed: list[tuple[float, str, str, str]] = []  # (seconds since start, phase, target, reply)
+        self.last_ok: dict[str, float] = {}
+        self.gap: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in targets]
+        self.t0 = time.monotonic()
+
+    def _run(self, target: Target) -> None:
+        label, netns, ip, port, proto = target
+        while not self._stop.is_set():
+            phase = self.phase
+            reply = ask(netns, ip, port, proto, timeout=1)
+            now = time.monotonic()
+            with self._lock:
+                self.tried[phase] = self.tried.get(phase, 0) + 1
+                if answered(reply) and reply.startswith(self.backend):
+                    last = self.last_ok.get(label)
+                    if last is not None:
+                        self.gap[phase] = max(self.gap.get(phase, 0.0), now - last)
+                    self.last_ok[label] = now
+                else:
+                    self.failed.append((now - self.t0, phase, label, reply))
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def table(self, title: str) -> str:
+        elapsed = time.monotonic() - self.t0
+        total = sum(self.tried.values())
+        labels = ", ".join(t[0] for t in self.targets)
+        rows = [f"{title}: {total} connections in {elapsed:.0f}s ({total / elapsed:.0f}/s; {labels})",
+                "| phase | tried | failed | longest gap between answers |", "|---|---|---|---|"]
+        for phase, n in self.tried.items():
+            bad = sum(1 for f in self.failed if f[1] == phase)
+            rows.append(f"| {phase} | {n} | {bad} | {self.gap.get(phase, 0.0) * 1000:.0f} ms |")
+        return "\n".join(rows)
