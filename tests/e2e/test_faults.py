@@ -75,7 +75,7 @@ def test_no_connection_lost_through_faults(harness: Harness, node: SimNode, mode
         time.sleep(2)
         traffic.phase = "a foreign nftables table and iptables chain added"
         _on_node(node, "nft", "add table ip someone-else; add chain ip someone-else pre "
-                 "{ type nat hook prerouting priority -200 ; }; add rule ip someone-else pre counter")
+                 "{ type filter hook prerouting priority -300 ; }; add rule ip someone-else pre counter")
         _on_node(node, "iptables", "-N", "SOMEONE-ELSE")
         _on_node(node, "iptables", "-I", "FORWARD", "-j", "SOMEONE-ELSE")
         time.sleep(3)

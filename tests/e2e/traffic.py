@@ -13,12 +13,14 @@ Target = tuple[str, str, str, int, str]
 
 
 class Traffic:
-    """One thread per target, each opening a new connection as soon as the last one answered (or
-    failed, after at most 1 s). A reply counts only if it comes from a pod whose name starts with
-    `backend`."""
+    """One thread per target, each opening a new connection every 1/`rate` s (or as soon as the last
+    one answered or failed, after at most 1 s, when slower). A reply counts only if it comes from a
+    pod whose name starts with `backend`. The rate is bounded on purpose: back to back (800/s per
+    target here) the clients cycle through their ephemeral ports within the conntrack TIME_WAIT
+    timeout, and reused ports time out now and then whatever the proxy does."""
 
-    def __init__(self, targets: list[Target], phase: str, backend: str = "web-") -> None:
-        self.targets, self.phase, self.backend = targets, phase, backend
+    def __init__(self, targets: list[Target], phase: str, backend: str = "web-", rate: float = 100.0) -> None:
+        self.targets, self.phase, self.backend, self.rate = targets, phase, backend, rate
         self.tried: dict[str, int] = {}
         self.failed: list[tuple[float, str, str, str]] = []  # (seconds since start, phase, target, reply)
         self.last_ok: dict[str, float] = {}
@@ -30,7 +32,10 @@ class Traffic:
 
     def _run(self, target: Target) -> None:
         label, netns, ip, port, proto = target
+        due = time.monotonic()
         while not self._stop.is_set():
+            due += 1 / self.rate
+            self._stop.wait(max(0.0, due - time.monotonic()))
             phase = self.phase
             reply = ask(netns, ip, port, proto, timeout=1)
             now = time.monotonic()
