@@ -250,6 +250,7 @@ class KubeSource:
                     continue
                 # Never listed: start without it (an empty list). Listed before (an API server
                 # restarting answers 403 for a while): keep what was listed. Retry, slower and slower.
+                self._recovered(res.kind)  # the API answers (no to this kind): not an outage of it
                 if not absent:
                     absent = True
                     self._state(res.kind, f"not readable (HTTP {exc.status}); going on "
@@ -305,7 +306,7 @@ class KubeSource:
             del self._failing[kind]
             done = not self._failing
         if done:
-            log.info("API calls succeed again after failures=%d over %.1fs; every list is current",
+            log.info("API calls succeed again after failures=%d over %.1fs; the API answers every list and watch",
                      failures, time.monotonic() - self._streak_started)
 
     def start(self) -> None:
