@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from agent.kernel.commands import CommandError, have, run
-from agent.kernel.xtables import VARIANTS, SavedTables, Tools, cleanup_batches
+from agent.kernel.xtables import SavedTables, cleanup_chains
 
 FIXED_CHAINS: dict[str, frozenset[str]] = {
     "nat": frozenset({"KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ",
@@ -55,25 +55,7 @@ def parse(save: str) -> SavedTables:
 
 def cleanup_iptables(families: tuple[int, ...] = (4, 6)) -> list[str]:
     """Remove kube-proxy's chains from both iptables variants; one line per change made."""
-    done: list[str] = []
-    for tools in (Tools(v) for v in VARIANTS):
-        for fam in families:
-            save = tools.binary(fam, "save")
-            if not have(save):
-                continue
-            try:
-                saved = parse(run([save], timeout=120))
-            except CommandError as exc:
-                done.append(f"could not read rules tool={save} error={exc.stderr.strip()!r}")
-                continue
-            inputs = cleanup_batches(saved)
-            for text in inputs:
-                run([tools.binary(fam, "restore"), "-w", "5", "--noflush"], stdin=text, timeout=300)
-            if inputs:
-                n = sum(len(c) for c in saved.chains.values())
-                jumps = sum(len(h) for h in saved.hooks.values())
-                done.append(f"removed kube-proxy's iptables chains={n} jumps={jumps} tool={save} family=IPv{fam}")
-    return done
+    return cleanup_chains("kube-proxy's iptables", parse, families)
 
 
 def cleanup_nftables() -> list[str]:

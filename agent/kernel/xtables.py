@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from agent.kernel.commands import CommandError, have, run
@@ -265,24 +265,34 @@ def _surely_absent(tools: Tools, family: int, prefix: str) -> bool:
     return f"chain {prefix}" not in out
 
 
-def cleanup_prefix(prefix: str, families: tuple[int, ...] = (4, 6), tools: Tools | None = None) -> list[str]:
-    """Remove every chain whose name starts with `prefix` and every jump into one, in both iptables
-    variants (or just `tools`); returns what it did, one line per (tool, family)."""
+def cleanup_chains(what: str, select: Callable[[str], SavedTables], families: tuple[int, ...] = (4, 6),
+                   tools: Tools | None = None, absent: Callable[[Tools, int], bool] | None = None) -> list[str]:
+    """Remove the chains `select` picks from an iptables-save (and the jumps into them), in both
+    iptables variants (or just `tools`), skipping a (tool, family) `absent` rules out; returns what
+    it did, one line per (tool, family), `what` naming the chains."""
     done: list[str] = []
     for t in [tools] if tools is not None else [Tools(v) for v in VARIANTS]:
         for fam in families:
             save = t.binary(fam, "save")
-            if not have(save) or _surely_absent(t, fam, prefix):
+            if not have(save) or (absent is not None and absent(t, fam)):
                 continue
             try:
-                saved = parse_save(run([save], timeout=120), prefix)
+                saved = select(run([save], timeout=120))
             except CommandError as exc:
-                done.append(f"could not read rules tool={save} error={exc.stderr!r}")
+                done.append(f"could not read rules tool={save} error={exc.stderr.strip()!r}")
                 continue
             inputs = cleanup_batches(saved)
             for text in inputs:
                 run([t.binary(fam, "restore"), "-w", "5", "--noflush"], stdin=text, timeout=300)
             if inputs:
                 n = sum(len(c) for c in saved.chains.values())
-                done.append(f"removed {prefix}* chains={n} tool={save} family=IPv{fam} restores={len(inputs)}")
+                jumps = sum(len(h) for h in saved.hooks.values())
+                done.append(f"removed {what} chains={n} jumps={jumps} tool={save} family=IPv{fam} "
+                            f"restores={len(inputs)}")
     return done
+
+
+def cleanup_prefix(prefix: str, families: tuple[int, ...] = (4, 6), tools: Tools | None = None) -> list[str]:
+    """Remove every chain whose name starts with `prefix` and every jump into one."""
+    return cleanup_chains(f"{prefix}*", lambda save: parse_save(save, prefix), families, tools,
+                          lambda t, fam: _surely_absent(t, fam, prefix))

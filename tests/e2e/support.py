@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,3 +199,16 @@ def now() -> float:
 
 __all__ = ["CLIENT_IP", "HTTP", "Cluster", "Kit", "build_cluster", "cluster_ip", "names", "node_port", "now",
            "slug", "teardown_cluster"]
+
+
+@contextlib.contextmanager
+def lone_node(h: Harness, name: str, index: int, proxy: str, mode: str, namespace: str) -> Iterator[SimNode]:
+    """One node of its own (not a mode's cluster) and a Kubernetes namespace for its objects; both
+    removed afterwards."""
+    n = h.add_node(name, index, proxy=proxy, mode=mode)
+    h.namespace(namespace)
+    try:
+        yield n
+    finally:
+        h.cleanup_namespace(namespace)
+        h.remove_node(n)

@@ -20,7 +20,7 @@ import pytest
 
 from tests.cluster.harness import Harness, SimNode, ask, wait_until
 from tests.e2e.conftest import REPORTS, mode_unsupported
-from tests.e2e.support import cluster_ip, node_port
+from tests.e2e.support import cluster_ip, lone_node, node_port
 from tests.e2e.traffic import Traffic
 
 NS = "e2e-faults"
@@ -33,13 +33,8 @@ def node(harness: Harness, mode: str) -> Iterator[SimNode]:
     why = mode_unsupported(mode)
     if why:
         pytest.skip(f"{mode} mode not usable here: {why}")
-    n = harness.add_node("flt-1", 6, proxy="agent", mode=mode)
-    harness.namespace(NS)
-    try:
+    with lone_node(harness, "flt-1", 6, "agent", mode, NS) as n:
         yield n
-    finally:
-        harness.cleanup_namespace(NS)
-        harness.remove_node(n)
 
 
 def _on_node(node: SimNode, *argv: str) -> None:

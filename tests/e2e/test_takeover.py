@@ -21,7 +21,7 @@ import pytest
 
 from tests.cluster.harness import Harness, SimNode, agent_binary, ask, wait_until
 from tests.e2e.conftest import REPORTS, mode_unsupported
-from tests.e2e.support import cluster_ip
+from tests.e2e.support import cluster_ip, lone_node
 from tests.e2e.traffic import Traffic
 
 NS = "e2e-takeover"
@@ -58,13 +58,8 @@ def node(harness: Harness, mode: str) -> Iterator[SimNode]:
     why = mode_unsupported(mode)
     if why:
         pytest.skip(f"{mode} mode not usable here: {why}")
-    n = harness.add_node("tko-1", 5, proxy="kube-proxy", mode=mode)
-    harness.namespace(NS)
-    try:
+    with lone_node(harness, "tko-1", 5, "kube-proxy", mode, NS) as n:
         yield n
-    finally:
-        harness.cleanup_namespace(NS)
-        harness.remove_node(n)
 
 
 def test_takeover_from_kube_proxy_and_back_without_losing_a_connection(harness: Harness, node: SimNode,
