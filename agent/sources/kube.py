@@ -75,9 +75,17 @@ class Gone(Exception):
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds the API asked us to wait (429/503 Retry-After), at most 60
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 0), 0.0), 60.0)
+    except ValueError:  # an HTTP date: not sent by kube-apiserver
+        return 0.0
 
 
 # what the agent does without an optional resource
@@ -150,6 +158,7 @@ class KubeSource:
         resp = self._pool.request(
             "GET", url, headers=self._headers(), preload_content=not stream,
             timeout=urllib3.Timeout(connect=10, read=read_timeout),
+            retries=False,  # our own backoff retries, logged once per streak (urllib3's would log each)
         )
         if resp.status == 410:
             raise Gone()
@@ -157,7 +166,8 @@ class KubeSource:
             body = resp.data if not stream else resp.read(2048)
             msg = body.decode(errors="replace")[:300]
             hint = " (check the ClusterRole in manifests/ grants list/watch)" if resp.status == 403 else ""
-            raise ApiError(f"GET {path} returned HTTP {resp.status}: {msg}{hint}", resp.status)
+            raise ApiError(f"GET {path} returned HTTP {resp.status}: {msg}{hint}", resp.status,
+                           _retry_after(resp.headers.get("Retry-After")))
         return resp
 
     def _decode(self, kind: str, raw: bytes) -> Record | None:
@@ -281,7 +291,7 @@ class KubeSource:
         for cb in self.on_error:
             cb(res.kind)
         self._state(res.kind, f"failing, retrying: {str(exc)[:200]}")
-        delay = backoff * (1 + random.random() * 0.2)
+        delay = max(backoff * (1 + random.random() * 0.2), getattr(exc, "retry_after", 0.0))
         with self._lock:
             first = not self._failing
             self._failing[res.kind] = self._failing.get(res.kind, 0) + 1

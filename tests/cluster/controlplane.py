@@ -24,6 +24,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,24 @@ class ControlPlane:
         assert self.apiserver is not None
         t0 = time.monotonic()
         self.apiserver.stop(timeout=30)
+        return time.monotonic() - t0
+
+    def restart_etcd(self, down: float, between: Callable[[], None] | None = None) -> float:
+        """Stop etcd (SIGTERM), keep it down `down` seconds (calling between() while it is down),
+        start it again on the same data; returns seconds until kube-apiserver's /readyz said ok."""
+        assert self.etcd is not None
+        self.etcd.stop(timeout=30)
+        t_down = time.monotonic()
+        if between is not None:
+            between()
+        time.sleep(max(0.0, down - (time.monotonic() - t_down)))
+        t0 = time.monotonic()
+        self.etcd.start()
+        end = t0 + 60
+        while not self.admin.ready():
+            if time.monotonic() > end:
+                raise TimeoutError(f"kube-apiserver not ready 60 s after etcd restarted:\n{self.etcd.tail()}")
+            time.sleep(0.1)
         return time.monotonic() - t0
 
     def restart_controller_manager(self) -> None:

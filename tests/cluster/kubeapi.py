@@ -46,6 +46,8 @@ COLLECTIONS: dict[str, tuple[str, bool]] = {
     "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", False),
     "Role": ("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", True),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", True),
+    "FlowSchema": ("/apis/flowcontrol.apiserver.k8s.io/v1/flowschemas", False),
+    "PriorityLevelConfiguration": ("/apis/flowcontrol.apiserver.k8s.io/v1/prioritylevelconfigurations", False),
 }
 
 
