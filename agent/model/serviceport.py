@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from agent.model.records import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, Service
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
-MAX_PORTS_PER_SERVICE = 100
+# kube-apiserver sets no limit on a Service's ports (kube-proxy programs them all); its 1.5 MB object
+# limit allows about 20,000. Beyond that the object cannot have come from the API (a --source file):
+# skipped, so one absurd file entry cannot balloon the ruleset.
+MAX_PORTS_PER_SERVICE = 20_000
 DEFAULT_AFFINITY_SECONDS = 10800
 MAX_AFFINITY_SECONDS = 86400
 

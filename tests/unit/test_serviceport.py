@@ -289,8 +289,8 @@ def test_internal_traffic_policy_local(spec: dict[str, Any], uses_cluster: bool)
         pytest.param({"clusterIPs": ["10.96.0.10", "fd00::zz"]}, "invalid_ip", ["http"], id="bad-second-clusterIP"),
         pytest.param({"type": "LoadBalancer", "loadBalancerSourceRanges": ["not-a-cidr"]}, "invalid_cidr", ["http"],
                      id="bad-source-range"),
-        pytest.param({"ports": [{"name": f"p{i}", "port": 1000 + i} for i in range(101)]}, "too_many_ports", [],
-                     id="101-ports"),
+        pytest.param({"ports": [{"name": f"p{i}", "port": 1 + i % 65535, "protocol": ("TCP", "UDP")[i // 65535]}
+                                for i in range(20_001)]}, "too_many_ports", [], id="20001-ports"),
     ],
 )
 def test_invalid_parts_are_problems_and_the_rest_is_kept(spec: dict[str, Any], reason: str,

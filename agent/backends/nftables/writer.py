@@ -298,12 +298,16 @@ class NftablesBackend:
         nft = self.nft
         return {"writer": nft.name if nft is not None else "none"}
 
+    MAX_CHAINS_READ = 200  # explain of a Service with thousands of ports: the first ones' chains
+
     def programmed(self, nodes: Mapping[int, NodeContext], plans: Sequence[ServicePlan]) -> Programmed:
         """Each port's chains (rule counts, from `nft list chain`) and map elements (`nft get
         element`), read with the nft binary (the sync thread owns the libnftables context); a
         missing chain or element, or a rule count that differs, is drift."""
         out = Programmed()
         nft = NftCommand()
+        elements: dict[tuple[int, str], list[tuple[str, str]]] = {}  # (family, map) -> [(key, verdict)]
+        chains_read = 0
         for plan in plans:
             fam = plan.info.family
             t = N.table_ref(fam)
@@ -312,6 +316,9 @@ class NftablesBackend:
             written = renderer.rendered(plan.info.name) if renderer is not None else None
             s = written if written is not None and written.plan == plan else render_service(plan, nodes[fam])
             for name, intended in s.chains:
+                chains_read += 1
+                if chains_read > self.MAX_CHAINS_READ:
+                    continue
                 try:
                     listed = nft.list_json(f"chain {t} {name}")
                     rules = [e["rule"] for e in listed.get("nftables", []) if "rule" in e]
@@ -323,13 +330,40 @@ class NftablesBackend:
                 if len(rules) != len(intended):
                     out.differences.append(f"IPv{fam} chain {name} has {len(rules)} rule(s), {len(intended)} intended")
             for mapname, key, verdict, _ in s.elements:
-                try:
-                    run([nft.binary, "get", "element", *t.split(), mapname, "{", key, "}"], timeout=30)
+                elements.setdefault((fam, mapname), []).append((key, verdict))
+        if chains_read > self.MAX_CHAINS_READ:
+            out.lines.append(f"... {chains_read - self.MAX_CHAINS_READ} more chain(s) not read back (one `nft list "
+                             f"chain` each; the periodic sync checks them all)")
+        for (fam, mapname), items in elements.items():
+            found = self._elements_present(nft.binary, N.table_ref(fam), mapname, [k for k, _ in items])
+            for key, verdict in items:
+                if key in found:
                     out.lines.append(f"{mapname}: {key}{' : ' + verdict if verdict else ''}")
-                except CommandError:
+                else:
                     out.lines.append(f"{mapname}: {key} missing")
                     out.differences.append(f"IPv{fam} {mapname} has no element {key}")
         return out
+
+    @staticmethod
+    def _elements_present(binary: str, table: str, mapname: str, keys: list[str]) -> set[str]:
+        """Which of `keys` the map holds: one `nft get element` per 100 keys (a Service with
+        thousands of ports is read in a few calls; nft 1.0.6 crashes on about 130 keys or more),
+        halving a call that fails until the missing keys are found."""
+        def get(ks: list[str]) -> bool:
+            try:
+                run([binary, "get", "element", *table.split(), mapname, "{", ", ".join(ks), "}"], timeout=60)
+                return True
+            except CommandError:
+                return False
+
+        def present(ks: list[str]) -> set[str]:
+            if get(ks):
+                return set(ks)
+            if len(ks) == 1:
+                return set()
+            half = len(ks) // 2
+            return present(ks[:half]) | present(ks[half:])
+        return set().union(*(present(keys[i:i + 100]) for i in range(0, len(keys), 100)))
 
     def cleanup(self) -> None:
         nft = self.nft
