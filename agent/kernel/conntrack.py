@@ -1,4 +1,5 @@
-"""Deleting stale UDP conntrack entries so clients of a removed endpoint move on."""
+"""Deleting stale conntrack entries so clients move on: UDP flows to a removed endpoint or sent
+while a Service had none, and TCP connection attempts nobody answered (never DNATed)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,56 @@ def argv_for(flow: StaleFlow) -> list[str]:
     return argv
 
 
+def unanswered_tcp(listing: str, flows: list[StaleFlow]) -> list[list[str]]:
+    """The `conntrack -D` command lines for the entries of `listing` (`conntrack -L -p tcp --state
+    SYN_SENT` output, one family) that `flows` name: to a frontend and port (any address for a
+    node port), never DNATed (the reply tuple is the original one reversed)."""
+    fronts = {(f.frontend, f.port) for f in flows}
+    ports = {f.port for f in flows if f.frontend is None}
+    out = []
+    for line in listing.splitlines():
+        fields = [w.split("=", 1) for w in line.split() if "=" in w]
+        vals = [v for k, v in fields if k in ("src", "dst", "sport", "dport")]
+        if len(vals) < 8:
+            continue
+        src, dst, sport, dport, rsrc, rdst, rsport, rdport = vals[:8]
+        if (rsrc, rdst, rsport, rdport) != (dst, src, dport, sport) or not dport.isdigit():
+            continue  # DNATed (or SNATed): an attempt the rules handled
+        if (dst, int(dport)) in fronts or int(dport) in ports:
+            out.append(["conntrack", "-D", "-f", "ipv6" if ":" in src else "ipv4", "-p", "tcp",
+                        "--state", "SYN_SENT", "--orig-src", src, "--orig-dst", dst,
+                        "--orig-port-src", sport, "--orig-port-dst", dport])
+    return out
+
+
+def _flush_tcp(flows: list[StaleFlow]) -> None:
+    """One listing of unanswered TCP attempts per family (usually a few entries), then a delete per
+    entry that matches: cheap even when thousands of Services are new at start-up."""
+    for fam in sorted({f.family for f in flows}):
+        mine = [f for f in flows if f.family == fam]
+        try:
+            listing = run(["conntrack", "-L", "-f", "ipv4" if fam == 4 else "ipv6", "-p", "tcp",
+                           "--state", "SYN_SENT"], timeout=60)
+        except CommandError as exc:
+            log.warning("conntrack listing failed error=%r", exc.stderr)
+            continue
+        for argv in unanswered_tcp(listing, mine):
+            try:
+                run(argv, timeout=30)
+                log.info("conntrack entries deleted %s", " ".join(argv[2:]))
+            except CommandError as exc:
+                if "0 flow entries" not in exc.stderr:
+                    log.warning("conntrack delete failed argv=%r error=%r", argv, exc.stderr)
+
+
 def flush(flows: list[StaleFlow]) -> None:
     if not have("conntrack"):
-        log.warning("conntrack tool missing; stale UDP flows not cleared (apt-get install conntrack)")
+        log.warning("conntrack tool missing; stale flows not cleared (apt-get install conntrack)")
         return
-    for flow in dict.fromkeys(flows):
+    tcp = [f for f in flows if f.protocol == "TCP"]
+    if tcp:
+        _flush_tcp(tcp)
+    for flow in dict.fromkeys(f for f in flows if f.protocol != "TCP"):
         try:
             run(argv_for(flow), timeout=30)
             log.info("conntrack entries deleted %s", " ".join(argv_for(flow)[2:]))

@@ -31,15 +31,21 @@ ExternalStep = Literal[
 
 @dataclass(frozen=True, slots=True)
 class StaleFlow:
-    """UDP conntrack entries to delete after a sync: to `frontend` (ip or None for any local
-    address, with `port`), those DNATed to `endpoint_ip` (an endpoint that went away) or, without
-    one, those never DNATed (sent while the service had no endpoint)."""
+    """Conntrack entries to delete after a sync: to `frontend` (ip or None for any local address,
+    with `port`), those DNATed to `endpoint_ip` (an endpoint that went away) or, without one, those
+    never DNATed (sent while the service had no endpoint, or before the proxy knew it).
+
+    UDP (kube-proxy's cleanup) and TCP, where only connection attempts nobody answered
+    (SYN_SENT, never DNATed) go: conntrack keeps such an entry for 120 s and a client that retries
+    from the same source port, as Linux picks it again after a failed connect, would keep meeting
+    it, not the new rules."""
 
     family: int
     frontend: str | None
     port: int
     endpoint_ip: str | None = None
     service: str = field(default="", compare=False)  # namespace/name, for `explain`'s history
+    protocol: str = "UDP"  # or "TCP" (never-DNATed only)
 
 
 @dataclass(frozen=True, slots=True)

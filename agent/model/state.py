@@ -377,11 +377,17 @@ def _address(ip: str) -> Address | None:
 
 
 def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:
-    """UDP flows that a plan change leaves pointing nowhere useful (kube-proxy's conntrack cleanup)."""
+    """Flows that a plan change leaves pointing nowhere useful: UDP as kube-proxy's conntrack
+    cleanup; TCP only the attempts made while the port had no endpoint (or was not yet known)."""
     either = new or old
-    if either is None or either.info.protocol != "UDP":
+    if either is None or either.info.protocol not in ("UDP", "TCP"):
         return
     info = either.info
+    if info.protocol == "TCP":
+        if new is not None and new.serving and not (old.serving if old else ()):
+            for front, port in frontend_addresses(new.info):
+                out.append(StaleFlow(info.family, front, port, None, str(info.name.service), "TCP"))
+        return
     old_ips = old.serving if old else frozenset()
     new_ips = new.serving if new else frozenset()
     if old is not None:

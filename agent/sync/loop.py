@@ -224,6 +224,8 @@ class SyncLoop:
         self.health.updated()
         now = self._wall()
         for flow in self._stale_flows:  # the mode cleans them up now: remembered per Service for `explain`
+            if flow.protocol != "UDP":
+                continue
             n, _ = self.udp_cleaned.get(flow.service, (0, 0.0))
             _remember(self.udp_cleaned, flow.service, (n + 1, now), self.HISTORY)
         self._stale_flows = []

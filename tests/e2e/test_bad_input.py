@@ -147,7 +147,7 @@ def test_bad_input_at_scale_leaves_healthy_services_alone(harness: Harness, node
     # 2,000 ports are valid (kube-apiserver sets no limit, kube-proxy programs them): programmed too
     assert code == 200 and "no endpoints" in many_ports["verdict"], many_ports
     assert not traffic.failed, (f"{len(traffic.failed)} of {sum(traffic.tried.values())} connections failed: "
-                                f"{traffic.failed[:10]}")
+                                f"{traffic.failed[:10]} client ports {traffic.ports[:10]}")
     # one line per awkward object at most (the duplicates, the unlabelled slice), never one per sync
     assert len(warnings) <= 10, "\n".join(warnings[:20])
     assert rss2 - rss0 < 200, f"agent RSS grew from {rss0:.0f} to {rss2:.0f} MB"

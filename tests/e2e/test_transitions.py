@@ -199,7 +199,7 @@ def test_no_connection_lost_through_versions_rollouts_and_mode_switches(
     log = (h.run_dir / "logs" / f"agent-{node.name}.log").read_text(errors="replace")
     assert "could not remove" not in log
     assert not traffic.failed, (f"{len(traffic.failed)} of {sum(traffic.tried.values())} connections failed: "
-                                f"{traffic.failed[:10]}")
+                                f"{traffic.failed[:10]} client ports {traffic.ports[:10]}")
 
 
 @pytest.fixture
@@ -272,4 +272,4 @@ def test_no_connection_lost_through_control_plane_faults(harness: Harness, node:
         time.sleep(2)
     REPORTS.append(traffic.table(f"control plane faults ({mode})"))
     assert not traffic.failed, (f"{len(traffic.failed)} of {sum(traffic.tried.values())} connections failed: "
-                                f"{traffic.failed[:10]}")
+                                f"{traffic.failed[:10]} client ports {traffic.ports[:10]}")

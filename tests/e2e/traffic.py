@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.cluster.harness import answered, ask
+from tests.cluster.harness import answered
+from tests.netlab import PROTOS, family_of, probe, socket_in
 
 # (label, client network namespace, address, port, protocol)
 Target = tuple[str, str, str, int, str]
@@ -28,6 +29,7 @@ class Traffic:
         self.targets, self.phase, self.backend, self.rate = targets, phase, backend, rate
         self.tried: dict[str, int] = {}
         self.failed: list[tuple[float, str, str, str]] = []  # (seconds since start, phase, target, reply)
+        self.ports: list[int] = []  # each failed connection's client port (find it in `conntrack -L`)
         self.last_ok: dict[str, float] = {}
         self.gap: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -42,7 +44,12 @@ class Traffic:
             due += 1 / self.rate
             self._stop.wait(max(0.0, due - time.monotonic()))
             phase = self.phase
-            reply = ask(netns, ip, port, proto, timeout=3)
+            sock = socket_in(netns, family_of(ip), PROTOS[proto][0], PROTOS[proto][1])
+            try:
+                reply = probe(netns, ip, port, proto, timeout=3, sock=sock)
+                sport = sock.getsockname()[1]
+            finally:
+                sock.close()
             now = time.monotonic()
             with self._lock:
                 self.tried[phase] = self.tried.get(phase, 0) + 1
@@ -53,6 +60,7 @@ class Traffic:
                     self.last_ok[label] = now
                 else:
                     self.failed.append((now - self.t0, phase, label, reply))
+                    self.ports.append(sport)
 
     def __enter__(self) -> Traffic:
         for t in self._threads:

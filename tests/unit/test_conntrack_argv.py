@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from agent.kernel.conntrack import Cleaner, argv_for
+from agent.kernel.conntrack import Cleaner, argv_for, unanswered_tcp
 from agent.model.state import StaleFlow
 from tests.netlab import wait_for
 
@@ -62,3 +62,27 @@ def test_cleaner_queue_is_bounded() -> None:
     release.set()
     assert cleaner.idle(5)
     assert [f.port for f in batches[1]] == [5, 6, 7]  # the oldest waiting ones were dropped
+
+
+LISTING = """\
+tcp      6 117 SYN_SENT src=10.244.8.12 dst=10.96.78.48 sport=49302 dport=80 [UNREPLIED]\
+ src=10.96.78.48 dst=10.244.8.12 sport=80 dport=49302
+tcp      6 118 SYN_SENT src=10.244.8.12 dst=10.96.78.48 sport=49304 dport=80 [UNREPLIED]\
+ src=10.244.8.13 dst=10.244.8.12 sport=8080 dport=49304
+tcp      6 119 SYN_SENT src=10.244.8.12 dst=10.96.78.49 sport=49306 dport=80 [UNREPLIED]\
+ src=10.96.78.49 dst=10.244.8.12 sport=80 dport=49306
+tcp      6 119 SYN_SENT src=10.10.0.100 dst=10.10.0.8 sport=40000 dport=30080 [UNREPLIED]\
+ src=10.10.0.8 dst=10.10.0.100 sport=30080 dport=40000
+"""
+
+
+def test_tcp_attempts_nobody_answered_are_deleted_one_by_one_dnated_ones_stay() -> None:
+    """A TCP flow is named only by a port gaining its first endpoint: the attempts made before,
+    never DNATed, go; one the new rules DNATed (49304) and other frontends' (10.96.78.49) stay."""
+    flows = [StaleFlow(4, "10.96.78.48", 80, None, protocol="TCP"), StaleFlow(4, None, 30080, None, protocol="TCP")]
+    assert unanswered_tcp(LISTING, flows) == [
+        ["conntrack", "-D", "-f", "ipv4", "-p", "tcp", "--state", "SYN_SENT", "--orig-src", "10.244.8.12",
+         "--orig-dst", "10.96.78.48", "--orig-port-src", "49302", "--orig-port-dst", "80"],
+        ["conntrack", "-D", "-f", "ipv4", "-p", "tcp", "--state", "SYN_SENT", "--orig-src", "10.10.0.100",
+         "--orig-dst", "10.10.0.8", "--orig-port-src", "40000", "--orig-port-dst", "30080"]]
+    assert unanswered_tcp("", flows) == []

@@ -441,12 +441,13 @@ def test_ipv6_udp_flows() -> None:
     assert c.drain().stale_flows == [StaleFlow(6, "fd00:96::53", 53, "fd00:244::5")]
 
 
-def test_tcp_produces_no_stale_flows() -> None:
-    """TCP connections to a gone endpoint are reset by the kernel; only UDP needs the cleanup."""
+def test_tcp_endpoint_gone_produces_no_stale_flows() -> None:
+    """TCP connections to a gone endpoint are reset by the kernel; only the first endpoint names
+    TCP flows (the unanswered attempts before it)."""
     c = Cluster().apply(service("web", ["10.96.0.10"], HTTP))
     c.drain()
     c.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], EP_HTTP))
-    assert c.drain().stale_flows == []
+    assert [f.protocol for f in c.drain().stale_flows] == ["TCP"]
     c.apply(endpoint_slice("web-1", "web", [], EP_HTTP))
     assert c.drain().stale_flows == []
 
@@ -607,3 +608,18 @@ def test_nodeport_addresses_primary_follows_the_node_object() -> None:
     plain.drain()
     plain.apply(node_at("10.0.0.8"))
     assert not plain.drain().full
+
+
+def test_tcp_port_gaining_its_first_endpoint_names_unanswered_attempts_only() -> None:
+    """TCP attempts made while a port had no endpoint (or before the proxy knew the Service) are
+    never-DNATed SYN_SENT entries a retrying client keeps meeting; they are named when the first
+    endpoint appears, and nothing when an endpoint goes (kube-proxy leaves TCP flows alone)."""
+    tcp = [{"name": "web", "port": 80, "protocol": "TCP"}]
+    c = Cluster().apply(service("web", ["10.96.0.80"], tcp))
+    c.drain()
+    c.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.1.6")],
+                           [{"name": "web", "port": 8080, "protocol": "TCP"}]))
+    assert c.drain().stale_flows == [StaleFlow(4, "10.96.0.80", 80, None, protocol="TCP")]
+    c.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.6")],
+                           [{"name": "web", "port": 8080, "protocol": "TCP"}]))
+    assert c.drain().stale_flows == []
