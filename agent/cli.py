@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,21 +173,27 @@ def cmd_render(cfg: AgentConfig, what: str) -> int:
     return 0
 
 
-def remove_other_modes(cfg: AgentConfig) -> None:
+def remove_other_modes(cfg: AgentConfig, backend: Backend) -> None:
     """Once this mode serves, remove what any other mode of ours left on the node (a mode switch:
     the new datapath first, then the old one goes), and with --cleanup-kube-proxy what upstream
     kube-proxy left (a takeover). Each mode removes only its own state."""
     if cfg.cleanup_kube_proxy:
-        from agent.kernel import kubeproxy
-
-        try:
-            done = kubeproxy.cleanup()
-        except (CommandError, OSError) as exc:
-            log.warning("could not remove kube-proxy's rules error=%r; what was removed stays removed; "
-                        "stop kube-proxy and run `kube-proxy --cleanup`, or restart this agent to retry", str(exc))
-        else:
-            for line in done:
+        # a mode that adopts kube-proxy's kernel objects (same address and port) keeps them
+        keep: Callable[[Any], bool] = getattr(backend, "serves_virtual_server", lambda _key: False)
+        steps = registry.kube_proxy_cleanup_steps(keep)
+        done = 0
+        for step in steps:
+            try:
+                lines = step()
+            except (CommandError, OSError, RuntimeError) as exc:
+                log.warning("could not remove kube-proxy's rules error=%r; what was removed stays removed; "
+                            "stop kube-proxy and run `kube-proxy --cleanup`, or restart this agent to retry",
+                            str(exc))
+                break
+            for line in lines:
                 log.info("takeover from kube-proxy: %s", line)
+            done += len(lines)
+        else:
             if not done:
                 log.info("takeover from kube-proxy: nothing of kube-proxy's found on this node")
     for spec in registry.SPECS:
@@ -212,7 +218,7 @@ def run_daemon(cfg: AgentConfig) -> int:
         proxy_healthy=lambda: health.status(check_node=False)[0])
     loop = _loop(cfg, backend, metrics, health, hc)
     backend.start()
-    switched = threading.Thread(target=remove_other_modes, args=(cfg,), name="mode-switch", daemon=True)
+    switched = threading.Thread(target=remove_other_modes, args=(cfg, backend), name="mode-switch", daemon=True)
     loop.on_first_sync = switched.start
     if not cfg.once:
         host, port = parse_bind(cfg.metrics_bind_address, "--metrics-bind-address")

@@ -133,6 +133,10 @@ class ModeSpec:
     # --nodeport-addresses when none is given (kube-proxy's nftables mode: "primary")
     default_nodeport_addresses: tuple[str, ...] = ()
     built: bool = True  # False: listed, but check_supported() says it is not in this release
+    # a takeover (--cleanup-kube-proxy): removes what kube-proxy's mode of this name leaves besides
+    # iptables chains and nftables tables; its argument says which kernel objects the running mode
+    # serves itself (they stay); returns one line per change made
+    kube_proxy_cleanup: Callable[[Callable[[Any], bool]], list[str]] | None = None
 
     def options(self, families: tuple[int, ...], given: Mapping[str, Any],
                 registry: CollectorRegistry | None = None) -> ModeOptions:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from agent.backends.base import Backend, ModeSpec, Setting
@@ -41,3 +42,16 @@ def make_backend(mode: str, families: tuple[int, ...] | None = None, given: Mapp
     fams = families or ((4, 6) if ipv6_available() else (4,))
     s = spec(mode)
     return s.factory(s.options(fams, given or {}, registry))
+
+
+def kube_proxy_cleanup_steps(keep: Callable[[Any], bool]) -> list[Callable[[], list[str]]]:
+    """A takeover from kube-proxy, in order: its iptables chains and nftables tables first (their
+    rules reference its ipsets), then what each of its modes leaves besides (IPVS: virtual servers
+    but those `keep` names, kube-ipvs0, ipsets). Each step returns one line per change made."""
+    from agent.kernel import kubeproxy
+
+    steps: list[Callable[[], list[str]]] = [kubeproxy.cleanup]
+    for s in SPECS:
+        if s.kube_proxy_cleanup is not None:
+            steps.append(functools.partial(s.kube_proxy_cleanup, keep))
+    return steps

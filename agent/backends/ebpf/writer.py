@@ -501,11 +501,14 @@ class EbpfBackend:
         missing entry or other backends is drift."""
         out = Programmed()
         written = dict(self._written)  # a copy: the sync thread may be writing
+        by_port: dict[tuple[int, str], list[tuple[Any, Any]]] = {}  # (port, protocol) -> entries, in order
+        for item in sorted(written.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            by_port.setdefault((item[0][0].port, item[0][0].protocol), []).append(item)
         for plan in plans:
             i = plan.info
             addresses = {i.cluster_ip, *i.external_ips, *i.load_balancer_ips}
-            for (key, scope), w in sorted(written.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-                if key.port != i.port or key.protocol != i.protocol or key.address not in addresses:
+            for (key, scope), w in by_port.get((i.port, i.protocol), ()):
+                if key.address not in addresses:
                     continue
                 where = f"{key.address}:{key.port}/{key.protocol} {'sockets' if scope == L.SCOPE_SOCKETS else 'tc'}"
                 try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 from agent.backends.base import Backend, ModeOptions, ModeSpec, Setting
 
@@ -22,6 +24,12 @@ def _make(options: ModeOptions) -> Backend:
     from agent.backends.ipvs.writer import IpvsBackend
 
     return IpvsBackend(families=options.families, settings=options.settings, registry=options.registry)
+
+
+def _kube_proxy_cleanup(keep: Callable[[Any], bool]) -> list[str]:
+    from agent.backends.ipvs.takeover import cleanup
+
+    return cleanup(keep)
 
 
 SETTINGS = (
@@ -51,4 +59,5 @@ SPEC = ModeSpec(
     settings=SETTINGS,
     owned_links=("kpa-ipvs0",),
     frontends=True,
+    kube_proxy_cleanup=_kube_proxy_cleanup,
 )

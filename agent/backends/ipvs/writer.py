@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.ipvs import render as R
+from agent.backends.ipvs import takeover
 from agent.backends.ipvs.ipvsnl import Ipvs
 from agent.backends.ipvs.metrics import IpvsMetrics
 from agent.backends.ipvs.mode import kernel_gap
@@ -571,6 +572,11 @@ class IpvsBackend:
             ipvs.close()
         return out
 
+    def serves_virtual_server(self, key: ServiceKey) -> bool:
+        """Whether this run wrote (or adopted) the virtual server: a takeover from kube-proxy
+        keeps it."""
+        return key in self._reals
+
     def cleanup(self) -> None:
         """Our chains (KPAV-), our virtual servers (on the dummy interface or listed in our FRONTENDS
         ipset), the dummy interface, our ipsets. Nothing else."""
@@ -585,9 +591,13 @@ class IpvsBackend:
             with Socket(NETLINK_ROUTE) as rt:
                 on_dummy = {a.address for a in dump_addresses(rt) if ifindex and a.ifindex == ifindex}
             frontends = set().union(*(sets.get(R.set_name("FRONTENDS", f), set()) for f in (4, 6)))
+            # back to kube-proxy: what it serves now (the same addresses on its kube-ipvs0, its
+            # NodePorts) stays, though our dummy or ipset lists it too
+            kube_proxy = takeover.read()
             ipvs = Ipvs()
             try:
-                doomed = [vs.key for vs in ipvs.services() if self._owned(vs.key, on_dummy, frontends)]
+                doomed = [vs.key for vs in ipvs.services()
+                          if self._owned(vs.key, on_dummy, frontends) and not kube_proxy.owns(vs.key)]
                 self._check(ipvs.apply([ipvs.delete_service(k) for k in doomed]), ignore=GONE)
                 log.info("cleanup removed virtual_servers=%d", len(doomed))
             finally:
