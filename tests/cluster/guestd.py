@@ -10,7 +10,10 @@ JSON-lines requests on TCP (the apiserver link's address), one per connection:
     {"op": "probe", "src": "<pod name>|node", "ip": ..., "port": ..., "proto": "tcp", "timeout": 1}
                                                                                 -> {"reply": "..."}
     {"op": "exec", "argv": [...]}                                              -> {"out": "...", "rc": 0}
-    {"op": "proxy", "action": "start|stop|kill"}
+    {"op": "proxy", "action": "start|stop|kill", "argv": [...]}   (start: argv replaces the proxy, e.g. a takeover)
+    {"op": "traffic", "action": "start", "targets": [[label, pod, ip, port, proto], ...], "rate": 20}
+    {"op": "traffic", "action": "phase", "phase": "..."}
+    {"op": "traffic", "action": "stop"}   -> {"table": "...", "failed": [...], "tried": n}
     {"op": "shutdown"}
 """
 
@@ -36,6 +39,7 @@ class Node:
         self.lab = Lab(tag=cfg["name"][-4:])
         self.pods: dict[str, tuple[str, list[EchoServer]]] = {}  # name -> (netns, servers)
         self.proxy: subprocess.Popen[bytes] | None = None
+        self.load: Any = None  # a tests.e2e.traffic.Traffic running
         self.stop = threading.Event()
 
     def setup(self) -> None:
@@ -63,10 +67,30 @@ class Node:
             for multi in ("/usr/sbin/xtables-nft-multi",):
                 sh("mount", "--bind", "/usr/sbin/xtables-legacy-multi", multi)
 
-    def start_proxy(self) -> None:
+    def start_proxy(self, argv: list[str] | None = None) -> None:
         log = open(self.cfg["proxy_log"], "ab")  # noqa: SIM115 (the proxy owns it)
-        self.proxy = subprocess.Popen(self.cfg["proxy_argv"], stdout=log, stderr=subprocess.STDOUT,
+        self.proxy = subprocess.Popen(argv or self.cfg["proxy_argv"], stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
+
+    def traffic(self, req: dict[str, Any]) -> dict[str, Any]:
+        """New connections from pods to Services, counted as tests/e2e/traffic.py does, in here."""
+        from tests.e2e.traffic import Traffic
+
+        action = req["action"]
+        if action == "start":
+            targets = [(label, self.pods[pod][0], ip, int(port), proto)
+                       for label, pod, ip, port, proto in req["targets"]]
+            self.load = Traffic(targets, req.get("phase", "steady"), backend=req.get("backend", ""),
+                                rate=float(req.get("rate", 20))).__enter__()
+            return {"ok": True}
+        assert self.load is not None, "no traffic started"
+        if action == "phase":
+            self.load.phase = req["phase"]
+            return {"ok": True}
+        self.load.__exit__()
+        load, self.load = self.load, None
+        return {"table": load.table(req.get("title", "in the guest")), "failed": load.failed,
+                "tried": sum(load.tried.values()), "gap": max(load.gap.values(), default=0.0)}
 
     def pod_add(self, name: str, ip: str, ports: list[list[Any]]) -> None:
         ns = self.lab.ns(name)
@@ -111,8 +135,10 @@ class Node:
                 self.proxy.send_signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
                 self.proxy.wait(20)
             if action == "start":
-                self.start_proxy()
+                self.start_proxy(req.get("argv"))
             return {"ok": True}
+        if op == "traffic":
+            return self.traffic(req)
         if op == "shutdown":
             self.stop.set()
             return {"ok": True}

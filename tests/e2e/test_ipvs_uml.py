@@ -175,3 +175,87 @@ def test_ipvs_side_by_side_with_upstream_kube_proxy_ipvs(pair: Pair) -> None:
     # IPVS state as ipvsadm shows it, on the agent's node: a virtual server per frontend
     table = pair.kpa.exec("ipvsadm", "-Ln")
     assert cip in table and f":{nport}" in table, table
+
+
+def _guest_state(node: Any) -> dict[str, Any]:
+    """What of kube-proxy's and of the agent's IPVS mode is in the guest's kernel."""
+    from agent.backends.ipvs.takeover import SET_NAMES
+    from agent.kernel import kubeproxy
+
+    links = node.exec("ip", "-o", "link", "show")
+    sets = set(node.exec("ipset", "list", "-n").split())
+    save = node.exec("iptables-save")
+    return {"kube-ipvs0": " kube-ipvs0:" in links, "kpa-ipvs0": " kpa-ipvs0:" in links,
+            "kube-proxy ipsets": sorted(sets & SET_NAMES),
+            "agent ipsets": sorted(s for s in sets if s.startswith("KPAV-")),
+            "kube-proxy chains": sorted(c for cs in kubeproxy.parse(save).chains.values() for c in cs),
+            "agent chains": sorted({ln.split()[0][1:] for ln in save.splitlines() if ln.startswith(":KPAV-")}),
+            "ipvs": node.exec("ipvsadm", "-Ln")}
+
+
+def test_takeover_from_kube_proxy_ipvs_and_back(pair: Pair) -> None:
+    """The kube-proxy node (IPVS mode) taken over by the agent in IPVS mode with
+    --cleanup-kube-proxy, then handed back (kube-proxy started, then `kube-proxy-agent --cleanup
+    --proxy-mode ipvs`), new TCP and UDP connections from a pod (in the guest) and TCP from outside
+    to a NodePort running the whole time: none may fail."""
+    import dataclasses
+
+    from tests.cluster.harness import agent_binary, wait_until
+    from tests.cluster.umlnode import _synced
+    from tests.e2e.traffic import Traffic
+
+    h, node = pair.h, pair.kp
+    svc = _svc(pair, "tk", "s", type="NodePort")
+    udp = _svc(pair, "tku", "u", [{"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}])
+    cip, nport, uip = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["nodePort"], udp["spec"]["clusterIP"]
+    client = pair.clients[node.name].name
+    for ip, port, proto in ((cip, 80, "tcp"), (uip, 53, "udp")):
+        _until(lambda ip=ip, port=port, proto=proto: node.probe(client, ip, port, proto),
+               lambda r: r.startswith(("s-", "u-")))
+    before = _guest_state(node)
+    assert before["kube-ipvs0"] and before["kube-proxy ipsets"] and before["kube-proxy chains"], before
+    agent = dataclasses.replace(node.sim, proxy_kind="agent", mode="ipvs", extra_args=["--cleanup-kube-proxy"])
+    guest_targets = [["pod->ClusterIP TCP", client, cip, 80, "tcp"], ["pod->ClusterIP UDP", client, uip, 53, "udp"]]
+    node.rpc("traffic", action="start", targets=guest_targets, rate=20, phase="kube-proxy")
+    outside = Traffic([("outside->NodePort TCP", h.client, node.sim.ip, nport, "tcp")], "kube-proxy", backend="s-",
+                      rate=20)
+    try:
+        with outside:
+            time.sleep(3)
+
+            def phase(name: str) -> None:
+                outside.phase = name
+                node.rpc("traffic", action="phase", phase=name)
+            phase("kube-proxy stopped, the agent started with --cleanup-kube-proxy")
+            node.rpc("proxy", action="stop")
+            node.rpc("proxy", action="start", argv=h.proxy_argv(agent))
+            wait_until(lambda: _synced(node), 120, 0.5, what="the agent to sync in the guest")
+            ends = ("takeover from kube-proxy: removed ipsets", "could not remove kube-proxy",
+                    "nothing of kube-proxy's")
+            wait_until(lambda: any(e in node.log() for e in ends), 60, 0.5, what="the takeover's last log line")
+            taken = _guest_state(node)
+            phase("the agent serving")
+            time.sleep(3)
+            phase("the agent stopped, kube-proxy started")
+            node.rpc("proxy", action="stop")
+            node.rpc("proxy", action="start")
+            wait_until(lambda: _synced(node), 120, 0.5, what="kube-proxy to sync again in the guest")
+            phase("kube-proxy-agent --cleanup --proxy-mode ipvs")
+            cleaned = node.rpc("exec", wait=300, argv=[agent_binary(), "--cleanup", "--proxy-mode", "ipvs"])
+            back = _guest_state(node)
+            phase("kube-proxy again")
+            time.sleep(3)
+    finally:
+        guest = node.rpc("traffic", action="stop", title="takeover from kube-proxy (ipvs, UML guest)")
+    log = node.log()
+    lines = [guest["table"], outside.table("takeover from kube-proxy (ipvs, UML guest): from outside"),
+             *(ln.split("msg=", 1)[-1] for ln in log.splitlines() if "takeover from kube-proxy:" in ln),
+             "back: " + str(cleaned.get("out", "")).strip().replace("\n", "; ")[:600]]
+    REPORTS.append("\n".join(lines))
+    assert not taken["kube-ipvs0"] and not taken["kube-proxy ipsets"] and not taken["kube-proxy chains"], (taken, lines)
+    assert taken["kpa-ipvs0"] and f"{cip}:80" in taken["ipvs"] and f":{nport}" in taken["ipvs"], taken
+    assert "could not remove kube-proxy" not in log, log[-3000:]
+    assert not back["kpa-ipvs0"] and not back["agent ipsets"] and not back["agent chains"], (back, cleaned)
+    assert back["kube-ipvs0"] and f"{cip}:80" in back["ipvs"], back
+    failed = guest["failed"] + outside.failed
+    assert not failed, f"{len(failed)} connections failed: {failed[:10]}\n" + "\n".join(lines)
