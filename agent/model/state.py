@@ -376,6 +376,17 @@ def _address(ip: str) -> Address | None:
         return None
 
 
+def unanswered_tcp_flows(plan: ServicePlan) -> list[StaleFlow]:
+    """The TCP attempts to `plan`'s frontends that nothing DNATed (SYN_SENT): left by a time the
+    port had no endpoint, the proxy did not know it yet, or its rules were gone (drift repaired).
+    None for a UDP/SCTP port or one without a serving endpoint."""
+    info = plan.info
+    if info.protocol != "TCP" or not plan.serving:
+        return []
+    return [StaleFlow(info.family, front, port, None, str(info.name.service), "TCP")
+            for front, port in frontend_addresses(info)]
+
+
 def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[StaleFlow]) -> None:
     """Flows that a plan change leaves pointing nowhere useful: UDP as kube-proxy's conntrack
     cleanup; TCP only the attempts made while the port had no endpoint (or was not yet known)."""
@@ -385,8 +396,7 @@ def _stale_for(old: ServicePlan | None, new: ServicePlan | None, out: list[Stale
     info = either.info
     if info.protocol == "TCP":
         if new is not None and new.serving and not (old.serving if old else ()):
-            for front, port in frontend_addresses(new.info):
-                out.append(StaleFlow(info.family, front, port, None, str(info.name.service), "TCP"))
+            out += unanswered_tcp_flows(new)
         return
     old_ips = old.serving if old else frozenset()
     new_ips = new.serving if new else frozenset()

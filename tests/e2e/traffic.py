@@ -30,6 +30,7 @@ class Traffic:
         self.tried: dict[str, int] = {}
         self.failed: list[tuple[float, str, str, str]] = []  # (seconds since start, phase, target, reply)
         self.ports: list[int] = []  # each failed connection's client port (find it in `conntrack -L`)
+        self.began: list[float] = []  # and when it began (seconds since start)
         self.last_ok: dict[str, float] = {}
         self.gap: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -44,6 +45,7 @@ class Traffic:
             due += 1 / self.rate
             self._stop.wait(max(0.0, due - time.monotonic()))
             phase = self.phase
+            began = time.monotonic()
             sock = socket_in(netns, family_of(ip), PROTOS[proto][0], PROTOS[proto][1])
             try:
                 reply = probe(netns, ip, port, proto, timeout=3, sock=sock)
@@ -61,6 +63,7 @@ class Traffic:
                 else:
                     self.failed.append((now - self.t0, phase, label, reply))
                     self.ports.append(sport)
+                    self.began.append(began - self.t0)
 
     def __enter__(self) -> Traffic:
         for t in self._threads:

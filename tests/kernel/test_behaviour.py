@@ -263,6 +263,21 @@ def test_udp_conntrack_cleared_when_endpoint_goes(node: Node) -> None:
                     .startswith("pod-b"), 5)
 
 
+def test_udp_node_port_flow_moves_when_its_endpoint_goes(node: Node) -> None:
+    """From outside, to a NodePort, the same client port: after the endpoint is replaced the flow
+    reaches the new one (netfilter modes: conntrack cleanup; ebpf: the tc path's own flow table)."""
+    ips = node.cluster_ip()
+    udp = [{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30553}]
+    ep_udp = [{"name": "dns", "port": 8080, "protocol": "UDP"}]
+    node.apply("ctnp", [service("ctnp", ips[0], udp, type="NodePort"),
+                        slice_("ctnp-1", "ctnp", [endpoint("pod-a")], ep_udp)])
+    assert wait_for(lambda: node.probe(NODE_EXT, 30553, "udp", src_port=40057, timeout=0.5).startswith("pod-a"), 10)
+    node.apply("ctnp", [service("ctnp", ips[0], udp, type="NodePort"),
+                        slice_("ctnp-1", "ctnp", [endpoint("pod-b")], ep_udp)])
+    assert wait_for(lambda: node.probe(NODE_EXT, 30553, "udp", src_port=40057, timeout=0.5)
+                    .startswith("pod-b"), 5)
+
+
 def test_topology_zone_hints(node: Node) -> None:
     ips = node.cluster_ip()
     node.apply("zone", [

@@ -21,6 +21,8 @@
 #define F_MASQ 4          // tc: masquerade (externalTrafficPolicy Cluster)
 #define F_MASQ_OUTSIDE 8  // tc: masquerade unless the source is in a cluster CIDR (cluster IPs)
 #define F_RANGES 16       // tc: only sources in loadBalancerSourceRanges
+#define CT_MASQ 1         // ct_val.flags: the flow is masqueraded
+#define CT_CLOSED 2       // ct_val.flags: the client ended the connection (FIN or RST seen)
 #define MASQ_MARK 0x4000
 #define ECONNREFUSED_ 111
 
@@ -353,11 +355,27 @@ int kpa_tc_ingress(struct __sk_buff *skb) {
     struct ct_key fk = {.sport = p.sport, .dport = p.dport, .proto = p.proto};
     __builtin_memcpy(fk.saddr, p.saddr, 16);
     __builtin_memcpy(fk.daddr, p.daddr, 16);
+    // TCP: a SYN (without ACK) on a flow whose last connection ended (the client's FIN or RST
+    // was seen: CT_CLOSED) opens a new connection, balanced afresh: a client port used again must
+    // not inherit a backend that may be gone. A retransmitted SYN keeps its backend. A packet in
+    // the middle of a connection this program never saw (opened before the mode started, as a
+    // mode switch leaves them) stays with the stack, whose conntrack entry keeps its backend.
+    __u8 tcp_flags = 0;
+    if (p.proto == IPPROTO_TCP && bpf_skb_load_bytes(skb, p.l4 + 13, &tcp_flags, 1) < 0)
+        return TC_ACT_OK;
+    int tcp = p.proto == IPPROTO_TCP;
+    int syn = tcp && (tcp_flags & 0x12) == 0x02;
     struct ct_val *known = ct_fwd.lookup(&fk);
+    if (known && syn && (known->flags & CT_CLOSED))
+        known = 0;
     struct ct_val to = {};
     if (known) {  // a flow already sent to a backend keeps it
+        if (tcp && (tcp_flags & 0x05))  // FIN or RST from the client: the connection ends
+            known->flags |= CT_CLOSED;
         to = *known;
     } else {
+        if (tcp && !syn)
+            return TC_ACT_OK;
         struct svc_key key = {.port = p.dport, .proto = p.proto, .scope = 1, .family = p.family};
         __builtin_memcpy(key.addr, p.daddr, 16);
         struct svc_val *m = svcs.lookup(&key);
@@ -374,7 +392,7 @@ int kpa_tc_ingress(struct __sk_buff *skb) {
         __builtin_memcpy(to.addr, b->addr, 16);
         to.port = b->port;
         if ((m->flags & F_MASQ) || ((m->flags & F_MASQ_OUTSIDE) && !in_cluster(&p)))
-            to.flags = 1;
+            to.flags = CT_MASQ;
         ct_fwd.update(&fk, &to);
         struct ct_key rk = {.sport = to.port, .dport = p.sport, .proto = p.proto};
         __builtin_memcpy(rk.saddr, to.addr, 16);
@@ -383,7 +401,7 @@ int kpa_tc_ingress(struct __sk_buff *skb) {
         __builtin_memcpy(back.addr, p.daddr, 16);
         ct_rev.update(&rk, &back);
     }
-    if (to.flags & 1)
+    if (to.flags & CT_MASQ)
         skb->mark |= MASQ_MARK;  // netfilter masquerades it (the mode's one nat rule)
     if (!rewrite(skb, &p, 1, to.addr, to.port))
         return TC_ACT_SHOT;

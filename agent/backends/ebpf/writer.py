@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -242,10 +243,28 @@ class EbpfBackend:
             for k, v in totals.items():
                 self.metrics.entries.labels(k).set(v)
         if gone:
+            self._forget_udp_flows(gone)
             killed = host.destroy_udp_sockets(gone)
             if killed:
                 log.info("destroyed UDP sockets connected to removed endpoints sockets=%d", killed)
         return SyncResult(written={"entries": len(gone)}, totals=totals, detail="full" if did_full else "partial")
+
+    def _forget_udp_flows(self, gone: set[tuple[str, int]]) -> None:
+        """The tc path's UDP flows (ct_fwd, and their reverse in ct_rev) to removed endpoints: a
+        client sending from the same port again is balanced afresh, not sent to the dead endpoint
+        (kube-proxy's UDP conntrack cleanup, for this mode's own flow table)."""
+        ends = {L.addr16(ip) + struct.pack("!H", port) for ip, port in gone}
+        try:
+            with self._lock:
+                fwd = [k for k, v in self._dump("ct_fwd").items() if k[36] == L.PROTOCOLS["UDP"] and v[:18] in ends]
+                rev = [k for k in self._dump("ct_rev") if k[36] == L.PROTOCOLS["UDP"] and k[:16] + k[32:34] in ends]
+                self._delete("ct_fwd", fwd)
+                self._delete("ct_rev", rev)
+        except Exception as exc:  # bcc raises plain Exception; the entries then age out of the LRU maps
+            log.warning("could not forget UDP flows to removed endpoints error=%r", str(exc))
+            return
+        if fwd:
+            log.info("forgot UDP flows to removed endpoints flows=%d", len(fwd))
 
     def _totals(self) -> dict[str, int]:
         return {"services": len(self._written), "backends": self._backends}
@@ -480,7 +499,9 @@ class EbpfBackend:
         someone removed: this runs at every full sync)."""
         wanted = self._wanted_devices()
         for dev in sorted(wanted):
-            for direction, prog in (("ingress", "kpa_tc_ingress"), ("egress", "kpa_tc_egress")):
+            # egress first: a flow the ingress program DNATs needs its replies translated back from
+            # its first SYN-ACK on (the other way round, a connection opened in between lost it)
+            for direction, prog in (("egress", "kpa_tc_egress"), ("ingress", "kpa_tc_ingress")):
                 if not any(name.startswith("kpa_") for _, _, name in host.tc_filters(dev, direction)):
                     if dev in self._devices:
                         log.warning("tc program missing; attaching it again device=%s direction=%s", dev, direction)

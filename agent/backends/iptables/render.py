@@ -299,6 +299,7 @@ class IptablesRenderer:
         self._rules: dict[ServicePortName, ServiceRules] = {}
         self._dispatch_text: dict[tuple[str, str], str] = {}
         self._dispatch_count: dict[tuple[str, str], int] = {}
+        self.shared_drifted: list[str] = []  # "table/chain" shared by all ports, changed (last drift())
         # True once a full render has been written and nothing failed since: the kernel should
         # hold exactly what this renderer last produced, so drift can be found by comparison.
         self.in_sync = False
@@ -349,13 +350,17 @@ class IptablesRenderer:
         since the last check, count unchanged, too). Returns the service ports whose chains differ
         (a shared chain that differs is rewritten with them), or None when a base chain differs or
         nothing was written yet: then only a full rewrite will do."""
+        self.shared_drifted = []
         if not self.in_sync or self._node is None:
             return None
         for (table, chain), rules in self._base(self._node).items():
             if not chain.endswith("#tail") and (table, chain) not in DISPATCH \
                     and rule_counts.get((table, chain)) != len(rules):
+                self.shared_drifted = [f"{table}/{chain}"]
                 return None
-        if any(rule_counts.get(key) != n for key, n in self._dispatch_count.items()):
+        self.shared_drifted = [f"{t}/{c}" for (t, c), n in self._dispatch_count.items()
+                               if rule_counts.get((t, c)) != n]
+        if self.shared_drifted:
             self._dispatch_text.clear()
         drifted: set[ServicePortName] = set()
         for spn, r in self._rules.items():

@@ -27,6 +27,7 @@ from agent.kernel.xtables import (
 )
 from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.serviceport import ServicePortName
+from agent.model.state import unanswered_tcp_flows
 
 log = logging.getLogger("agent.iptables")
 
@@ -110,6 +111,10 @@ class IptablesBackend:
                 saved = self._saved(fam)
                 drifted = renderer.drift(saved.rules, saved.digests)
                 saved.digests.clear()  # not needed past the check: free it before rendering
+                if renderer.shared_drifted:
+                    result.repaired += len(renderer.shared_drifted)
+                    log.warning("rules drifted from what was written; repairing family=IPv%d chains=%s%s", fam,
+                                ",".join(renderer.shared_drifted), " (complete rewrite)" if drifted is None else "")
                 if drifted is None:
                     result.detail = "complete"
                     out = renderer.render(state, (), full=True, existing_chains=saved.chains,
@@ -138,6 +143,9 @@ class IptablesBackend:
         self.metrics.written(result.written, result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
+        if result.repaired:  # attempts made while the rules were gone would keep retrying clients out
+            self.conntrack.submit([f for state in desired.values() for plan in state.services.values()
+                                   for f in unanswered_tcp_flows(plan)])
         return result
 
     def _enable_route_localnet(self, renderer: IptablesRenderer) -> None:

@@ -23,6 +23,7 @@ from agent.backends.nftables.render import Existing, NftRenderer, RenderResult, 
 from agent.kernel import conntrack, heap, nfgen
 from agent.kernel.commands import CommandError, have, run
 from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
+from agent.model.state import unanswered_tcp_flows
 
 log = logging.getLogger("agent.nftables")
 _ERROR_AT = re.compile(r"^\S*?:(\d+):\d+(?:-\d+)?: Error: (.*)$", re.MULTILINE)
@@ -285,6 +286,12 @@ class NftablesBackend:
         self.metrics.written(result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
+        # A check ran (someone else committed to nf_tables since our last write, or at start): the
+        # fixed chains were rewritten whether or not that commit had flushed them, so attempts
+        # made while rules were gone, never DNATed, would keep retrying clients out; drop those.
+        if full or result.repaired:
+            self.conntrack.submit([f for state in desired.values() for plan in state.services.values()
+                                   for f in unanswered_tcp_flows(plan)])
         return result
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
