@@ -87,12 +87,14 @@ def test_no_connection_lost_through_faults(harness: Harness, node: SimNode, mode
             log_path = h.run_dir / "logs" / f"agent-{node.name}.log"
             mark = log_path.stat().st_size
             traffic.phase = FLUSHED
+            repair = [time.monotonic() - traffic.t0]
             _on_node(node, *flush)
 
             def checked() -> bool:  # the first periodic check after the flush rewrote the chain
                 lines = log_path.read_bytes()[mark:].decode(errors="replace").splitlines()
                 return any("full=True" in ln and "check" in ln for ln in lines)
             wait_until(checked, 60, 0.2, what="the periodic sync to repair the flushed chain")
+            repair.append(time.monotonic() - traffic.t0)
             time.sleep(4)  # longer than a connection's timeout: a client stuck on its old attempt shows
         traffic.phase = "steady after"
         time.sleep(2)
@@ -104,6 +106,12 @@ def test_no_connection_lost_through_faults(harness: Harness, node: SimNode, mode
     # NATed afresh, perhaps to another endpoint, as with kube-proxy): reported, not counted as lost.
     in_flight = [f for f, began in zip(traffic.failed, traffic.began, strict=True)
                  if began <= flushed[1] and f[0] >= flushed[0]]
+    if flush is not None:
+        hit = [began for f, began in zip(traffic.failed, traffic.began, strict=True) if f[1] == FLUSHED]
+        REPORTS.append(f"faults ({mode}): our dispatch chain flushed by hand; the periodic sync had repaired it "
+                       f"{repair[1] - repair[0]:.1f}s later; {len(hit)} connections failed, begun between "
+                       f"{min(hit, default=0) - repair[0]:.1f}s and {max(hit, default=0) - repair[0]:.1f}s after "
+                       "the flush")
     lost = [(f, port) for f, port in zip(traffic.failed, traffic.ports, strict=True)
             if f[1] != FLUSHED and f not in in_flight]
     if in_flight:
