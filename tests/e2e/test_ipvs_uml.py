@@ -212,6 +212,8 @@ def test_takeover_from_kube_proxy_ipvs_and_back(pair: Pair) -> None:
     for ip, port, proto in ((cip, 80, "tcp"), (uip, 53, "udp")):
         _until(lambda ip=ip, port=port, proto=proto: node.probe(client, ip, port, proto),
                lambda r: r.startswith(("s-", "u-")))
+    # and from outside, to the NodePort (kube-proxy in the guest can take many seconds to program it)
+    _until(lambda: probe(h.client, node.sim.ip, nport, timeout=1), lambda r: r.startswith("s-"), timeout=60)
     before = _guest_state(node)
     assert before["kube-ipvs0"] and before["kube-proxy ipsets"] and before["kube-proxy chains"], before
     agent = dataclasses.replace(node.sim, proxy_kind="agent", mode="ipvs", extra_args=["--cleanup-kube-proxy"])
