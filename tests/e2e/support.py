@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from tests.cluster.harness import (
     CLIENT_IP,
     Harness,
@@ -212,3 +214,38 @@ def lone_node(h: Harness, name: str, index: int, proxy: str, mode: str, namespac
     finally:
         h.cleanup_namespace(namespace)
         h.remove_node(n)
+
+
+@contextlib.contextmanager
+def mode_lone_node(h: Harness, name: str, index: int, mode: str, namespace: str) -> Iterator[SimNode]:
+    """An agent node of its own in `mode` (the test skipped when this machine cannot run it)."""
+    from tests.e2e.conftest import mode_unsupported
+
+    why = mode_unsupported(mode)
+    if why:
+        pytest.skip(f"{mode} mode not usable here: {why}")
+    with lone_node(h, name, index, "agent", mode, namespace) as n:
+        yield n
+
+
+WEB_PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+             {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
+WEB_POD_PORTS = (("http", 8080, "TCP"), ("dns", 8080, "UDP"))
+
+
+Target = tuple[str, str, str, int, str]  # as tests/e2e/traffic.py takes it
+
+
+def web_under_traffic(h: Harness, node: SimNode, namespace: str) -> tuple[list[Pod], Pod, list[Target]]:
+    """Two pods behind NodePort Service `web` (TCP 80, UDP 53) and a client pod on `node`, once the
+    Service answers from the pod and from outside: (pods, client, the targets tests/e2e/traffic.py
+    runs: pod -> ClusterIP TCP and UDP, outside -> NodePort TCP)."""
+    pods = [h.create_pod(namespace, f"web-{i}", node, {"app": "web"}, ports=WEB_POD_PORTS) for i in range(2)]
+    client = h.create_pod(namespace, "client", node, {"role": "client"}, ports=[], serve=False)
+    svc = h.create_service(namespace, "web", WEB_PORTS, selector={"app": "web"}, type="NodePort")
+    ip, np = cluster_ip(svc), node_port(svc)
+    wait_until(lambda: ask(client.netns, ip, 80, timeout=0.5).startswith("web-")
+               and ask(h.client, node.ip, np, timeout=0.5).startswith("web-"), 60, what="the Service answers")
+    return pods, client, [("pod->ClusterIP TCP", client.netns, ip, 80, "tcp"),
+                          ("pod->ClusterIP UDP", client.netns, ip, 53, "udp"),
+                          ("outside->NodePort TCP", h.client, node.ip, np, "tcp")]

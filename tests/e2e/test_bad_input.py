@@ -28,14 +28,11 @@ import pytest
 
 from tests.cluster.harness import Harness, SimNode, ask, wait_until
 from tests.cluster.kubeapi import JSON
-from tests.e2e.conftest import REPORTS, mode_unsupported
-from tests.e2e.support import cluster_ip, lone_node, node_port
+from tests.e2e.conftest import REPORTS
+from tests.e2e.support import WEB_POD_PORTS, cluster_ip, mode_lone_node, web_under_traffic
 from tests.e2e.traffic import Traffic
 
 NS = "e2e-bad-input"
-PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-         {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
-POD_PORTS = (("http", 8080, "TCP"), ("dns", 8080, "UDP"))
 NO_MATCH = 900
 # made-up endpoint addresses: programmed, never sent anything by this test
 FAKE_NET = "10.200"
@@ -43,10 +40,7 @@ FAKE_NET = "10.200"
 
 @pytest.fixture
 def node(harness: Harness, mode: str) -> Iterator[SimNode]:
-    why = mode_unsupported(mode)
-    if why:
-        pytest.skip(f"{mode} mode not usable here: {why}")
-    with lone_node(harness, "bad-9", 9, "agent", mode, NS) as n:
+    with mode_lone_node(harness, "bad-9", 9, mode, NS) as n:
         yield n
 
 
@@ -99,15 +93,8 @@ def _flood(h: Harness) -> int:
 
 def test_bad_input_at_scale_leaves_healthy_services_alone(harness: Harness, node: SimNode, mode: str) -> None:
     h = harness
-    for i in range(2):
-        h.create_pod(NS, f"web-{i}", node, {"app": "web"}, ports=POD_PORTS)
-    client = h.create_pod(NS, "client", node, {"role": "client"}, ports=[], serve=False)
-    svc = h.create_service(NS, "web", PORTS, selector={"app": "web"}, type="NodePort")
-    ip, np = cluster_ip(svc), node_port(svc)
-    wait_until(lambda: ask(client.netns, ip, 80, timeout=0.5).startswith("web-")
-               and ask(h.client, node.ip, np, timeout=0.5).startswith("web-"), 60, what="the Service answers")
-    targets = [("pod->ClusterIP TCP", client.netns, ip, 80, "tcp"), ("pod->ClusterIP UDP", client.netns, ip, 53, "udp"),
-               ("outside->NodePort TCP", h.client, node.ip, np, "tcp")]
+    _, client, targets = web_under_traffic(h, node, NS)
+    ip = targets[0][2]
     log_path = h.run_dir / "logs" / f"agent-{node.name}.log"
     rss0 = _rss_mb(node)
     mark = log_path.stat().st_size
@@ -130,7 +117,7 @@ def test_bad_input_at_scale_leaves_healthy_services_alone(harness: Harness, node
         wait_until(explained, 60, 1, what="explain of the 2,000-port Service")
         time.sleep(3)
         traffic.phase = "a change to the healthy Service"
-        h.create_pod(NS, "web-2", node, {"app": "web"}, ports=POD_PORTS)
+        h.create_pod(NS, "web-2", node, {"app": "web"}, ports=WEB_POD_PORTS)
         wait_until(lambda: any(ask(client.netns, ip, 80, timeout=2).startswith("web-2") for _ in range(10)), 60, 0,
                    what="a new pod of the healthy Service to be served")
         rss1 = _rss_mb(node)

@@ -21,25 +21,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.harness import Harness, SimNode, ask, wait_until
-from tests.e2e.conftest import REPORTS, mode_unsupported
-from tests.e2e.support import cluster_ip, lone_node, node_port
+from tests.cluster.harness import Harness, SimNode, wait_until
+from tests.e2e.conftest import REPORTS
+from tests.e2e.support import mode_lone_node, web_under_traffic
 from tests.e2e.traffic import Traffic
 
 NS = "e2e-faults"
 FLUSHED = "our dispatch chain flushed by hand, until the periodic sync repairs it"
 FLUSH = {"iptables": ("iptables", "-t", "nat", "-F", "KPA-SERVICES"),
          "nftables": ("nft", "flush", "chain", "ip", "kube-proxy-agent", "services")}
-PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-         {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
 
 
 @pytest.fixture
 def node(harness: Harness, mode: str) -> Iterator[SimNode]:
-    why = mode_unsupported(mode)
-    if why:
-        pytest.skip(f"{mode} mode not usable here: {why}")
-    with lone_node(harness, "flt-1", 6, "agent", mode, NS) as n:
+    with mode_lone_node(harness, "flt-1", 6, mode, NS) as n:
         yield n
 
 
@@ -49,15 +44,7 @@ def _on_node(node: SimNode, *argv: str) -> None:
 
 def test_no_connection_lost_through_faults(harness: Harness, node: SimNode, mode: str) -> None:
     h = harness
-    for i in range(2):
-        h.create_pod(NS, f"web-{i}", node, {"app": "web"}, ports=(("http", 8080, "TCP"), ("dns", 8080, "UDP")))
-    client = h.create_pod(NS, "client", node, {"role": "client"}, ports=[], serve=False)
-    svc = h.create_service(NS, "web", PORTS, selector={"app": "web"}, type="NodePort")
-    ip, np = cluster_ip(svc), node_port(svc)
-    wait_until(lambda: ask(client.netns, ip, 80, timeout=0.5).startswith("web-")
-               and ask(h.client, node.ip, np, timeout=0.5).startswith("web-"), 60, what="the Service answers")
-    targets = [("pod->ClusterIP TCP", client.netns, ip, 80, "tcp"), ("pod->ClusterIP UDP", client.netns, ip, 53, "udp"),
-               ("outside->NodePort TCP", h.client, node.ip, np, "tcp")]
+    _, _, targets = web_under_traffic(h, node, NS)
     with Traffic(targets, phase="steady") as traffic:
         time.sleep(2)
         assert node.proxy is not None

@@ -35,14 +35,11 @@ from tests.cluster.faultproxy import FaultProxy
 from tests.cluster.harness import REPO, Harness, Pod, SimNode, answered, ask, wait_until
 from tests.cluster.kubeapi import write_kubeconfig
 from tests.cluster.procs import Proc
-from tests.e2e.conftest import REPORTS, SKIPPED, mode_unsupported
-from tests.e2e.support import cluster_ip, lone_node, node_port
+from tests.e2e.conftest import REPORTS, SKIPPED
+from tests.e2e.support import WEB_POD_PORTS, mode_lone_node, web_under_traffic
 from tests.e2e.traffic import Traffic
 
 NS = "e2e-transitions"
-PORTS = [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-         {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP"}]
-POD_PORTS = (("http", 8080, "TCP"), ("dns", 8080, "UDP"))
 # The release before this one (the last commit before the nftables endpoint maps, 2026-12-02):
 # what a node runs when this version is rolled out to it, and what a rollback goes back to.
 PREVIOUS_RELEASE = "430807c"
@@ -52,11 +49,8 @@ OTHER_MODE = {"iptables": "nftables", "nftables": "iptables", "ebpf": "nftables"
 
 @pytest.fixture
 def node(harness: Harness, mode: str, request: pytest.FixtureRequest) -> Iterator[SimNode]:
-    why = mode_unsupported(mode)
-    if why:
-        pytest.skip(f"{mode} mode not usable here: {why}")
     index = 7 if "versions" in request.node.name else 8
-    with lone_node(harness, f"trn-{index}", index, "agent", mode, NS) as n:
+    with mode_lone_node(harness, f"trn-{index}", index, mode, NS) as n:
         yield n
 
 
@@ -74,18 +68,6 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
-
-
-def _service(h: Harness, node: SimNode) -> tuple[list[Pod], list[tuple[str, str, str, int, str]]]:
-    pods = [h.create_pod(NS, f"web-{i}", node, {"app": "web"}, ports=POD_PORTS) for i in range(2)]
-    client = h.create_pod(NS, "client", node, {"role": "client"}, ports=[], serve=False)
-    svc = h.create_service(NS, "web", PORTS, selector={"app": "web"}, type="NodePort")
-    ip, np = cluster_ip(svc), node_port(svc)
-    wait_until(lambda: ask(client.netns, ip, 80, timeout=0.5).startswith("web-")
-               and ask(h.client, node.ip, np, timeout=0.5).startswith("web-"), 60, what="the Service answers")
-    targets = [("pod->ClusterIP TCP", client.netns, ip, 80, "tcp"), ("pod->ClusterIP UDP", client.netns, ip, 53, "udp"),
-               ("outside->NodePort TCP", h.client, node.ip, np, "tcp")]
-    return pods, targets
 
 
 def _replace_agent(h: Harness, node: SimNode, head: list[str] | None = None, env: dict[str, str] | None = None,
@@ -146,7 +128,7 @@ def _only_from(client: Pod, ip: str, names: set[str], streak: int = 40, timeout:
 def test_no_connection_lost_through_versions_rollouts_and_mode_switches(
         harness: Harness, node: SimNode, mode: str, previous_release: Path) -> None:
     h = harness
-    old, targets = _service(h, node)
+    old, _, targets = web_under_traffic(h, node, NS)
     client = h.pods[(NS, "client")]
     ip = targets[0][2]
     previous = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main())"]
@@ -160,7 +142,7 @@ def test_no_connection_lost_through_versions_rollouts_and_mode_switches(
         _replace_agent(h, node)
         time.sleep(2)
         traffic.phase = "rollout: new pods Ready"
-        new = [h.create_pod(NS, f"web-v2-{i}", node, {"app": "web"}, ports=POD_PORTS) for i in range(2)]
+        new = [h.create_pod(NS, f"web-v2-{i}", node, {"app": "web"}, ports=WEB_POD_PORTS) for i in range(2)]
         wait_until(lambda: {ask(client.netns, ip, 80, timeout=2).split()[0] for _ in range(20)}
                    >= {p.name for p in new}, 30, what="the new pods to answer")
         traffic.phase = "rollout: old pods terminating (still serving)"
@@ -224,7 +206,7 @@ def fault_proxy(harness: Harness, node: SimNode) -> Iterator[FaultProxy]:
 def test_no_connection_lost_through_control_plane_faults(harness: Harness, node: SimNode, mode: str,
                                                           fault_proxy: FaultProxy) -> None:
     h = harness
-    _, targets = _service(h, node)
+    _, _, targets = web_under_traffic(h, node, NS)
     client = h.pods[(NS, "client")]
     ip = targets[0][2]
     log_path = h.run_dir / "logs" / f"agent-{node.name}.log"
@@ -249,7 +231,7 @@ def test_no_connection_lost_through_control_plane_faults(harness: Harness, node:
         ready = cp.restart_etcd(down=20, between=agent_restarted_blind)
         h.say(f"etcd restarted: kube-apiserver ready {ready:.1f}s after")
         node.wait_synced(timeout=120)
-        h.create_pod(NS, "web-2", node, {"app": "web"}, ports=POD_PORTS)
+        h.create_pod(NS, "web-2", node, {"app": "web"}, ports=WEB_POD_PORTS)
         wait_until(lambda: served("web-2"), 60, 0, what="a pod added after etcd came back to be served")
         for status in (500, 429):
             traffic.phase = f"apiserver answers {status} for 20 s (watches cut, agent restarted into it)"
@@ -259,7 +241,7 @@ def test_no_connection_lost_through_control_plane_faults(harness: Harness, node:
             _replace_agent(h, node, wait=False)
             wait_until(lambda s=status, m=mark: f"HTTP {s}" in log_since(m), 30, 0.5,
                        what=f"the agent to log HTTP {status}")
-            pod = h.create_pod(NS, f"web-{status}", node, {"app": "web"}, ports=POD_PORTS)
+            pod = h.create_pod(NS, f"web-{status}", node, {"app": "web"}, ports=WEB_POD_PORTS)
             time.sleep(18)
             fault_proxy.fail_with = 0
             wait_until(lambda p=pod: served(p.name), 120, 0,
