@@ -106,6 +106,7 @@ add rule ip kube-proxy-agent reject-chain reject
 add chain ip kube-proxy-agent cluster-ips-check
 add rule ip kube-proxy-agent cluster-ips-check ip daddr @cluster-ips reject comment "no such port on this cluster IP"
 add chain ip kube-proxy-agent services
+add rule ip kube-proxy-agent services ip daddr @cluster-ips ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent services ip daddr . meta l4proto . th dport vmap @service-ips
 add rule ip kube-proxy-agent services ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport \
 vmap @service-nodeports
@@ -166,15 +167,19 @@ def test_node_port_addresses_and_several_cluster_cidrs_use_named_sets() -> None:
         "flush set ip kube-proxy-agent cluster-cidrs\n"
         "add element ip kube-proxy-agent cluster-cidrs { 10.244.0.0/16, 10.250.0.0/16 }\n" in text
     )
+    # cluster IP clients outside the pod network: one rule for every cluster IP, none per port
+    assert ("add rule ip kube-proxy-agent services ip daddr @cluster-ips ip saddr != @cluster-cidrs "
+            "jump mark-for-masquerade\n" in text)
     plan = ServicePlan(info("web", node_port=30080, external_policy_local=True), (ep("10.244.1.2"),),
                        (ep("10.244.1.2"),), True)
     rules = dict(render_service(plan, node).chains)
     n = names("web")
-    assert rules[n["svc"]][0] == "ip daddr 10.96.0.10 tcp dport 80 ip saddr != @cluster-cidrs jump mark-for-masquerade"
+    assert not any("mark-for-masquerade" in r for r in rules[n["svc"]])
     assert rules[n["ext"]][0] == f"ip saddr @cluster-cidrs goto {n['svc']}"
-    everyone = dataclasses.replace(node, masquerade_all=True)
-    rules = dict(render_service(plan, everyone).chains)
-    assert rules[n["svc"]][0] == "ip daddr 10.96.0.10 tcp dport 80 jump mark-for-masquerade"
+    everyone = full_text(dataclasses.replace(node, masquerade_all=True))
+    assert "add rule ip kube-proxy-agent services ip daddr @cluster-ips jump mark-for-masquerade\n" in everyone
+    no_cidr = full_text(dataclasses.replace(node, cluster_cidrs=()))
+    assert "services ip daddr @cluster-ips" not in no_cidr
 
 
 # -- one service port per case --------------------------------------------------------------------
@@ -190,7 +195,6 @@ CASES: list[tuple[str, NodeContext, ServicePlan, dict[str, str], str]] = [
         names("web"),
         """\
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @$esvc : 8080
 add element ip kube-proxy-agent service-ips {
 \t10.96.0.10 . tcp . 80 comment "default/web:http cluster IP" : jump $svc,
@@ -216,7 +220,6 @@ add element ip kube-proxy-agent $esvc {
         names("np"),
         """\
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext jump mark-for-masquerade
@@ -269,7 +272,6 @@ add element ip kube-proxy-agent cluster-ips {
 add set ip kube-proxy-agent $aff1 { typeof ip saddr ; flags dynamic,timeout ; timeout 30s ; }
 add set ip kube-proxy-agent $aff2 { typeof ip saddr ; flags dynamic,timeout ; timeout 30s ; }
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc ip saddr @$aff1 meta l4proto tcp update @$aff1 { ip saddr } dnat to 10.244.1.2:8080
 add rule ip kube-proxy-agent $svc ip saddr @$aff2 meta l4proto tcp update @$aff2 { ip saddr } dnat to 10.244.1.3:8080
 add rule ip kube-proxy-agent $svc numgen random mod 2 == 0 meta l4proto tcp update @$aff1 { ip saddr } \
@@ -295,10 +297,8 @@ add element ip kube-proxy-agent cluster-ips {
         names("local"),
         """\
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 2 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $svl
-add rule ip kube-proxy-agent $svl ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svl meta l4proto tcp dnat ip to numgen random mod 1 offset 4 map @$esvl : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
@@ -335,7 +335,6 @@ add element ip kube-proxy-agent $esvc {
         names("elsewhere"),
         """\
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext ip saddr 10.244.0.0/16 goto $svc
@@ -388,7 +387,6 @@ add element ip kube-proxy-agent cluster-ips {
         names("lb"),
         """\
 add chain ip kube-proxy-agent $svc
-add rule ip kube-proxy-agent $svc ip daddr 10.96.0.10 tcp dport 443 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
 add rule ip kube-proxy-agent $svc meta l4proto tcp dnat ip to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip kube-proxy-agent $ext
 add rule ip kube-proxy-agent $ext jump mark-for-masquerade
@@ -424,8 +422,6 @@ add element ip kube-proxy-agent $esvc {
         names("web"),
         """\
 add chain ip6 kube-proxy-agent $svc
-add rule ip6 kube-proxy-agent $svc ip6 daddr fd00:96::10 tcp dport 80 ip6 saddr != fd00:244::/64 \
-jump mark-for-masquerade
 add rule ip6 kube-proxy-agent $svc meta l4proto tcp dnat ip6 to numgen random mod 1 offset 0 map @$esvc : 8080
 add chain ip6 kube-proxy-agent $ext
 add rule ip6 kube-proxy-agent $ext jump mark-for-masquerade
@@ -533,7 +529,7 @@ flush chain ip kube-proxy-agent $ext
 delete chain ip kube-proxy-agent $svc
 delete chain ip kube-proxy-agent $ext
 """).substitute(names("web"))
-    assert out.totals == {**{N.map_label(m): 0 for m, _, _ in N.MAPS}, "chains": 13, "rules": 25}
+    assert out.totals == {**{N.map_label(m): 0 for m, _, _ in N.MAPS}, "chains": 13, "rules": 26}
 
 
 def test_partial_render_endpoints_gone_swaps_dnat_for_reject() -> None:
@@ -906,6 +902,6 @@ def test_endpoints_on_different_ports_take_the_cascade() -> None:
     plan = ServicePlan(info("mixed"), (A, ep("10.244.1.3", port=9090)), has_any=True)
     s = render_service(plan, NODE4)
     rules = dict(s.chains)[names("mixed")["svc"]]
-    assert rules[1:] == ("numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080",
+    assert rules == ("numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.2:8080",
                          "meta l4proto tcp dnat to 10.244.1.3:9090")
     assert not s.slots and not [e for e in s.elements if e[0].startswith(N.ENDPOINTS)]

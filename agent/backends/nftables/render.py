@@ -217,15 +217,13 @@ def render_service(plan: ServicePlan, node: NodeContext, slots: Slots | None = N
         if not ep.node_name or ep.node_name == node.node_name or info.externally_accessible:
             element(N.HAIRPIN, f"{ep.ip} . {ep.ip}", "", "")
 
-    cluster_match = f"{ip} daddr {info.cluster_ip} {proto} dport {info.port}"
     pods = cluster_cidrs_match(node)
 
+    # Cluster IP clients from outside the pod network are masqueraded by one rule of the
+    # `services` chain for every cluster IP (base_chains), not by a rule in each service chain:
+    # 10k such rules were a fifth of the full transaction's memory in libnftables.
     def spread(chain: str, eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
         rules: list[str] = []
-        if node.masquerade_all:
-            rules.append(f"{cluster_match} jump {N.MARK_MASQ}")
-        elif pods:
-            rules.append(f"{cluster_match} {ip} saddr != {pods} jump {N.MARK_MASQ}")
         ports = {e.port for e in eps}
         if not info.affinity_seconds and len(ports) == 1:
             # A uniform choice among n numbers of the chain's block, each mapped to an endpoint
@@ -344,6 +342,16 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
     # An endpoint that reached itself through a service: masquerade it (iptables marks this in
     # the endpoint chain; here the DNATed addresses are checked after nat, before forward/output).
     hairpin = f"ct state new ct status dnat {ip} saddr . {ip} daddr @{N.HAIRPIN} jump {N.MARK_MASQ}"
+    # Traffic to a cluster IP from outside the pod network (the node itself, other hosts), or
+    # from anyone with --masquerade-all, is marked for masquerading, as kube-proxy's service
+    # chains do per port. Marking a cluster IP port that has no Service port or no endpoints is
+    # harmless: such packets are rejected or dropped in the filter chains, never DNATed or sent.
+    pods = cluster_cidrs_match(node)
+    to_cluster_ip = f"{ip} daddr @{N.CLUSTER_IPS}"
+    masquerade_clients: tuple[str, ...] = (
+        (f"{to_cluster_ip} jump {N.MARK_MASQ}",) if node.masquerade_all
+        else (f"{to_cluster_ip} {ip} saddr != {pods} jump {N.MARK_MASQ}",) if pods else ()
+    )
     rules: dict[str, tuple[str, ...]] = {
         N.MARK_MASQ: (f"meta mark set meta mark | {N.MASQ_MARK}",),
         N.MASQUERADING: (
@@ -353,7 +361,7 @@ def base_chains(node: NodeContext) -> tuple[tuple[str, str, tuple[str, ...]], ..
         ),
         N.REJECT: ("reject",),
         N.CLUSTER_IPS_CHECK: tuple(check),
-        N.SERVICES: (f"{lookup} @{N.SERVICE_IPS}", nodeports),
+        N.SERVICES: (*masquerade_clients, f"{lookup} @{N.SERVICE_IPS}", nodeports),
         N.NAT_PREROUTING: (f"jump {N.SERVICES}",),
         N.NAT_OUTPUT: (f"jump {N.SERVICES}",),
         N.NAT_POSTROUTING: (f"jump {N.MASQUERADING}",),
