@@ -689,6 +689,9 @@ class FakeNft:
     def list_json(self, what: str) -> object:
         return {"nftables": [{"chain": {"family": "ip", "table": N.TABLE, "name": "sep-old"}}]}
 
+    def release(self) -> None:
+        pass
+
 
 def test_writer_one_transaction_totals_per_family_and_leftovers() -> None:
     nft = FakeNft()
