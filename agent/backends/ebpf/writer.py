@@ -10,12 +10,12 @@ attached and pinned after the agent exits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +29,8 @@ from agent.backends.ebpf import host
 from agent.backends.ebpf import layout as L
 from agent.backends.ebpf.metrics import EbpfMetrics
 from agent.backends.ebpf.mode import kernel_gap
-from agent.kernel import heap
+from agent.backends.ebpf.programs import MAPS, PROGRAMS
+from agent.kernel import bpf
 from agent.kernel.xtables import (
     Tools,
     cleanup_prefix,
@@ -43,17 +44,10 @@ from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.frontends import FrontendKey
 
 log = logging.getLogger("agent.ebpf")
-ENOTSUPP = 524  # the kernel's "operation not supported" for a map type without batch ops (not in errno)
-SOURCE = Path(__file__).with_name("lb.c")
 PREFIX = "KPAB-"  # the mode's xtables chains (masquerade for tc-NATed traffic)
 MASQ_MARK = "0x4000"
 BPF_F_ALLOW_MULTI = 2
-# program name -> (attach type, for the cgroup hooks; None: tc)
-PROGRAMS: dict[str, int | None] = {
-    "kpa_connect4": 10, "kpa_connect6": 11, "kpa_sendmsg4": 14, "kpa_sendmsg6": 15,
-    "kpa_recvmsg4": 19, "kpa_recvmsg6": 20, "kpa_peer4": 29, "kpa_peer6": 30,
-    "kpa_tc_ingress": None, "kpa_tc_egress": None,
-}
+COMPILE_TIMEOUT = 300.0
 HOOKS = (("nat", "POSTROUTING", "KPAB-POSTROUTING", ""), ("filter", "FORWARD", "KPAB-FORWARD", ""))
 
 
@@ -71,6 +65,22 @@ def _rules() -> str:
     ]) + "\n"
 
 
+def _detach_pinned(pin: Path, cgroup_fd: int) -> None:
+    """Detach the cgroup program pinned at `pin` (an earlier run's) from the cgroup, if it is one
+    and still attached there."""
+    attach = PROGRAMS.get(pin.name)
+    try:
+        pfd = bpf.obj_get(str(pin))
+    except OSError:
+        return
+    try:
+        if attach is not None and cgroup_fd >= 0:
+            with contextlib.suppress(OSError):  # not attached there (any more)
+                bpf.prog_detach(cgroup_fd, pfd, attach)
+    finally:
+        os.close(pfd)
+
+
 @dataclass(slots=True)
 class _Written:
     """One service entry as the maps hold it."""
@@ -84,6 +94,7 @@ class _Written:
 
 class EbpfBackend:
     name: ClassVar[str] = "ebpf"
+    WRITE_BATCH = 8192  # service entries written per batch in a full sync
 
     def __init__(self, families: tuple[int, ...] = (4, 6), settings: Mapping[str, Any] | None = None,
                  registry: CollectorRegistry | None = None) -> None:
@@ -97,8 +108,8 @@ class EbpfBackend:
         self.devices_setting = tuple(d.strip() for d in str(s.get("ebpf_devices") or "").split(",") if d.strip())
         self.metrics = EbpfMetrics(registry)
         self._lock = threading.RLock()
-        self._bpf: Any = None
-        self._fns: dict[str, Any] = {}
+        self._maps: dict[str, bpf.Map] = {}
+        self._progs: dict[str, int] = {}  # program name -> fd of the program this run loaded
         self._attached = False
         self._known = False
         self._written: dict[tuple[FrontendKey, int], _Written] = {}
@@ -137,31 +148,47 @@ class EbpfBackend:
     def close(self, timeout: float) -> None:
         """Programs stay attached and pinned, maps pinned: the datapath serves without the agent."""
         with self._lock:
-            self._bpf = None  # bcc's cleanup closes fds; attachments and pins hold the programs
+            self._release()
+
+    def _release(self) -> None:
+        """Close this process's descriptors (attachments and pins hold the programs and maps)."""
+        for m in self._maps.values():
+            m.close()
+        for fd in self._progs.values():
+            os.close(fd)
+        self._maps, self._progs = {}, {}
 
     def _cgroup(self) -> str:
         return self.cgroup or host.cgroup2_root()
 
-    def _load(self) -> Any:
-        if self._bpf is not None:
-            return self._bpf
-        from bcc import BPF
+    @property
+    def _staged(self) -> Path:
+        return self.pin_dir / "staged"
 
+    def _load(self) -> dict[str, bpf.Map]:
+        """Compile and load in a child process (agent/backends/ebpf/compile.py: bcc and LLVM never
+        enter this one), then open the maps it pinned and the programs it staged."""
+        if self._maps:
+            return self._maps
         host.ensure_bpffs(self.bpffs)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        text = SOURCE.read_text().replace("__PIN__", str(self.pin_dir))
+        shutil.rmtree(self._staged, ignore_errors=True)
+        argv = [sys.executable, "-m", "agent.backends.ebpf.compile", str(self.pin_dir), str(self._staged)]
         try:
-            bpf = BPF(text=text, cflags=["-Wno-unused-function", "-Wno-macro-redefined"])
-        except Exception as exc:
-            raise SyncError(f"ebpf: compiling lb.c failed: {exc}") from exc
-        heap.trim()  # what LLVM took to compile (about 40 MB) goes back before the lists arrive
-        for name, attach in PROGRAMS.items():
-            if attach is None:
-                self._fns[name] = bpf.load_func(name, BPF.SCHED_CLS)
-            else:
-                self._fns[name] = bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach)
-        self._bpf = bpf
-        return bpf
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SyncError(f"ebpf: could not run the compiler process ({exc})") from exc
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            raise SyncError(f"ebpf: {lines[-1] if lines else f'the compiler process exited {done.returncode}'}"
+                            + (f" (and {len(lines) - 1} more line(s) before it)" if len(lines) > 1 else ""))
+        try:
+            self._progs = {name: bpf.obj_get(str(self._staged / name)) for name in PROGRAMS}
+            self._maps = {name: bpf.Map(str(self.pin_dir / name)) for name in MAPS}
+        except OSError as exc:
+            self._release()
+            raise SyncError(f"ebpf: the compiled programs or maps cannot be opened: {exc}") from exc
+        return self._maps
 
     @property
     def tools(self) -> Tools:
@@ -171,55 +198,20 @@ class EbpfBackend:
 
     # -- maps -----------------------------------------------------------------------------------
 
-    def _table(self, name: str) -> Any:
+    def _table(self, name: str) -> bpf.Map:
         return self._load()[name]
 
     def _put(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
-        if not items:
-            return
-        t = self._table(name)
-        if len(items) == 1:  # (an array of a simple ctype would index as a Python int)
-            t[t.Key.from_buffer_copy(items[0][0])] = t.Leaf.from_buffer_copy(items[0][1])
-            return
-        keys = (t.Key * len(items)).from_buffer_copy(b"".join(k for k, _ in items))
-        vals = (t.Leaf * len(items)).from_buffer_copy(b"".join(v for _, v in items))
-        t.items_update_batch(keys, vals)
+        if items:
+            self._table(name).update_many(items)
 
     def _delete(self, name: str, keys: list[bytes]) -> None:
-        t = self._table(name)
-        for k in keys:
-            with contextlib.suppress(KeyError):
-                del t[t.Key.from_buffer_copy(k)]
+        if keys:
+            self._table(name).delete_many(keys)
 
     def _dump(self, name: str, chunk: int = 4096) -> dict[bytes, bytes]:
-        """Every entry of a map, `chunk` entries per BPF_MAP_LOOKUP_BATCH call (a few system calls
-        for the whole map, in bounded memory); one key at a time where the map has no batch lookup
-        (LPM tries)."""
-        from bcc import libbcc
-
-        t = self._table(name)
-        ksize, vsize = ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf)
-        keys = ctypes.create_string_buffer(ksize * chunk)
-        vals = ctypes.create_string_buffer(vsize * chunk)
-        token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)  # opaque batch positions (hash maps: a bucket)
-        out: dict[bytes, bytes] = {}
-        first = True
-        while True:
-            count = ctypes.c_uint32(chunk)
-            res = libbcc.lib.bpf_lookup_batch(t.map_fd, None if first else ctypes.byref(token_in),
-                                              ctypes.byref(token_out), keys, vals, ctypes.byref(count))
-            err = ctypes.get_errno()
-            if res != 0 and err not in (errno.ENOENT,):
-                if first and err in (errno.EINVAL, ENOTSUPP):
-                    return {bytes(k): bytes(v) for k, v in t.items()}
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {name}")
-            kraw, vraw = keys.raw, vals.raw
-            for i in range(count.value):
-                out[kraw[i * ksize:(i + 1) * ksize]] = vraw[i * vsize:(i + 1) * vsize]
-            if res != 0:  # ENOENT: that was the last of them
-                return out
-            token_in.value = token_out.value
-            first = False
+        """Every entry of a map, `chunk` entries per batch lookup (see bpf.Map.dump)."""
+        return self._table(name).dump(chunk)
 
     # -- sync -----------------------------------------------------------------------------------
 
@@ -384,9 +376,24 @@ class EbpfBackend:
         puts, dels = self._buckets()
         gone: set[tuple[str, int]] = set()
         written: dict[tuple[FrontendKey, int], _Written] = {}
+        # What the kernel holds that nothing written names is deleted at the end; with nothing in
+        # the maps (the first start) there is nothing to compare, and no set of every key is built.
+        compare = bool(kernel_svcs or kernel_backends or kernel_ranges)
         wanted_svcs: set[bytes] = set()
         wanted_backends: set[bytes] = set()
         wanted_ranges: set[bytes] = set()
+
+        def flush() -> None:
+            """Write what is pending, backends and ranges before the entries naming them: a batch
+            at a time, so a full sync of 10k Services never holds all its entries at once."""
+            # drift: entries whose content differs from what we would write (someone edited the map)
+            svcs = [(k, v) for k, v in puts["svcs"] if kernel_svcs.get(k) != v]
+            self._put("backends", puts["backends"])
+            self._put("ranges", puts["ranges"])
+            self._put("svcs", svcs)
+            for items in puts.values():
+                items.clear()
+
         for fam in self.families:
             for f in desired[fam].frontends.values():
                 for scope, entry in L.entries_of(f).items():
@@ -397,24 +404,27 @@ class EbpfBackend:
                     if w is None:
                         continue
                     written[(f.key, scope)] = w
-                    wanted_svcs.add(L.svc_key(f.key, scope, 0))
-                    wanted_svcs.update(L.svc_key(f.key, scope, i) for i in range(1, len(w.backends) + 1))
-                    wanted_backends.update(L.id_key(b) for b, _ in w.backends)
-                    wanted_ranges.update(L.lpm_key(w.svc_id, c) for c in w.ranges)
-        # drift: entries whose content differs from what we would write (someone edited the map)
-        for k, v in [(k, v) for k, v in puts["svcs"]]:
-            if kernel_svcs.get(k) == v:
-                puts["svcs"].remove((k, v))
+                    if compare:
+                        wanted_svcs.add(L.svc_key(f.key, scope, 0))
+                        wanted_svcs.update(L.svc_key(f.key, scope, i) for i in range(1, len(w.backends) + 1))
+                        wanted_backends.update(L.id_key(b) for b, _ in w.backends)
+                        wanted_ranges.update(L.lpm_key(w.svc_id, c) for c in w.ranges)
+                if len(puts["svcs"]) >= self.WRITE_BATCH:
+                    flush()
         cluster = {k for fam in self.families for k in L.cluster_cidr_keys(desired[fam].node.cluster_cidrs)}
         wanted_ranges |= cluster
         puts["ranges"] += [(k, b"\x01") for k in sorted(cluster - kernel_ranges)]
         puts["backends"] += [(k, v) for k, v in self._backend_values(written, kernel_backends)]
-        dels["svcs"] = [k for k in dels["svcs"] if k not in wanted_svcs]
-        dels["svcs"] += [k for k in kernel_svcs if k not in wanted_svcs and k not in dels["svcs"]]
-        dels["backends"] = [k for k in set(dels["backends"]) | (set(kernel_backends) - wanted_backends)
-                            if k not in wanted_backends]
-        dels["ranges"] = [k for k in set(dels["ranges"]) | (kernel_ranges - wanted_ranges) if k not in wanted_ranges]
-        self._apply(puts, dels)
+        flush()
+        if compare:
+            stale = [k for k in dels["svcs"] if k not in wanted_svcs]
+            listed = set(stale)
+            dels["svcs"] = stale + [k for k in kernel_svcs if k not in wanted_svcs and k not in listed]
+            dels["backends"] = [k for k in set(dels["backends"]) | (set(kernel_backends) - wanted_backends)
+                                if k not in wanted_backends]
+            dels["ranges"] = [k for k in set(dels["ranges"]) | (kernel_ranges - wanted_ranges)
+                              if k not in wanted_ranges]
+            self._apply(puts, dels)
         self._written = written
         self._backends = sum(len(w.backends) for w in written.values())
         self._known = True
@@ -451,30 +461,27 @@ class EbpfBackend:
     def _attach(self) -> None:
         """Attach this run's programs, then detach what earlier runs attached (found by their pins),
         then pin this run's in their place."""
-        from bcc import BPF, libbcc
-
+        self._load()
         cgroup = self._cgroup()
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, attach in PROGRAMS.items():
                 if attach is not None:
-                    BPF.attach_func(self._fns[name], fd, attach, BPF_F_ALLOW_MULTI)
+                    bpf.prog_attach(fd, self._progs[name], attach, BPF_F_ALLOW_MULTI)
             stale = sorted(self.root.glob("v*/progs/*"))
             for pin in stale:
-                attach = PROGRAMS.get(pin.name)
-                pfd = libbcc.lib.bpf_obj_get(str(pin).encode())
-                if pfd >= 0:
-                    if attach is not None:
-                        libbcc.lib.bpf_prog_detach2(pfd, fd, attach)
-                    os.close(pfd)
+                _detach_pinned(pin, fd)
                 pin.unlink()
         finally:
             os.close(fd)
         progs = self._prog_pin("x").parent
         progs.mkdir(parents=True, exist_ok=True)
-        for name, f in self._fns.items():
-            if libbcc.lib.bpf_obj_pin(f.fd, str(progs / name).encode()) != 0:
-                raise SyncError(f"ebpf: cannot pin program {name} at {progs / name}: {os.strerror(ctypes.get_errno())}")
+        for name, pfd in self._progs.items():
+            try:
+                bpf.obj_pin(pfd, str(progs / name))
+            except OSError as exc:
+                raise SyncError(f"ebpf: cannot pin program {name} at {progs / name}: {exc.strerror}") from exc
+        shutil.rmtree(self._staged, ignore_errors=True)  # pinned where they belong now
         for old in self.root.glob("v*"):
             if old != self.pin_dir:
                 shutil.rmtree(old, ignore_errors=True)  # an older layout's maps, now unused
@@ -559,11 +566,7 @@ class EbpfBackend:
         return out
 
     def _lookup(self, name: str, key: bytes) -> bytes | None:
-        t = self._table(name)
-        try:
-            return bytes(t[t.Key.from_buffer_copy(key)])
-        except KeyError:
-            return None
+        return self._table(name).lookup(key)
 
     def cleanup(self) -> None:
         """Detach our programs (cgroup hooks and tc filters), unpin our programs and maps, remove our
@@ -573,21 +576,13 @@ class EbpfBackend:
         removed = host.tc_detach_ours(host.all_devices())
         if self.root.exists():
             cgroup = self._cgroup()
-            with contextlib.suppress(ImportError):
-                from bcc import libbcc
-
-                fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY) if cgroup else -1
-                try:
-                    for pin in self.root.glob("v*/progs/*"):
-                        attach = PROGRAMS.get(pin.name)
-                        pfd = libbcc.lib.bpf_obj_get(str(pin).encode())
-                        if pfd >= 0:
-                            if attach is not None and fd >= 0:
-                                libbcc.lib.bpf_prog_detach2(pfd, fd, attach)
-                            os.close(pfd)
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY) if cgroup else -1
+            try:
+                for pin in self.root.glob("v*/progs/*"):
+                    _detach_pinned(pin, fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
             shutil.rmtree(self.root, ignore_errors=True)
             log.info("cleanup removed pins %s and tc filters=%d", self.root, removed)
         with self._lock:
