@@ -454,7 +454,7 @@ class IpvsBackend:
     def _apply(self, ops: _Ops) -> None:
         ipvs, rt = self._open()
         if ops.set_adds:
-            ipset.restore(ops.set_adds)
+            ipset.change(ops.set_adds)
         if ops.addr_adds:
             self._check(rt.apply([address_request(True, self._ifindex, a) for a in ops.addr_adds]), ignore=(
                 errno.EEXIST,))
@@ -476,7 +476,7 @@ class IpvsBackend:
             self._check(rt.apply([address_request(False, self._ifindex, a) for a in ops.addr_dels]),
                         ignore=(errno.EADDRNOTAVAIL, errno.ENOENT))
         if ops.set_dels:
-            ipset.restore(ops.set_dels)
+            ipset.change(ops.set_dels)
 
     @staticmethod
     def _check(errors: list[NetlinkError], ignore: tuple[int, ...] = ()) -> None:
