@@ -13,7 +13,7 @@ import socket
 from collections.abc import Iterable
 
 from agent.kernel.commands import CommandError, have, run
-from agent.kernel.netlink import NLA_F_NESTED, NetlinkError, Request, Socket, ip_bytes, nla, nla_str, nla_u8
+from agent.kernel.netlink import NLA_F_NESTED, KeptSocket, NetlinkError, Request, ip_bytes, nla, nla_str, nla_u8
 
 log = logging.getLogger("agent.ipset")
 NETLINK_NETFILTER = 12
@@ -24,6 +24,7 @@ ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA = 1, 2, 7
 DATA_IP, DATA_PORT, DATA_PROTO, DATA_IP2, DATA_CIDR2 = 1, 4, 7, 20, 21
 IPADDR_IPV4, IPADDR_IPV6 = 1, 2
 NLA_F_NET_BYTEORDER = 1 << 14
+_CHANGES = KeptSocket(NETLINK_NETFILTER, timeout=30.0)  # entry changes at every sync: one socket kept
 L4 = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
 # the kernel's own error numbers for ipset requests (include/uapi/linux/netfilter/ipset/ip_set.h)
 ERRORS = {4097: "protocol error", 4098: "set type not found", 4102: "set type mismatch",
@@ -118,7 +119,7 @@ def change(lines: Iterable[str]) -> None:
         restore(todo)
         return
     try:
-        with Socket(NETLINK_NETFILTER, timeout=30.0) as sock:
+        with _CHANGES.use() as sock:
             errors = sock.apply(requests)
     except OSError as exc:  # no netlink here (or no permission): the tool may still work
         log.debug("ipset over netlink failed (%s); using ipset restore", exc)

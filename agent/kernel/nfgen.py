@@ -11,7 +11,7 @@ import contextlib
 import socket
 import struct
 
-from agent.kernel.netlink import Socket, cstr, parse_attrs
+from agent.kernel.netlink import KeptSocket, Socket, cstr, parse_attrs
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -23,9 +23,12 @@ FAMILIES = {socket.AF_INET: "ip", socket.AF_INET6: "ip6", 1: "inet", 3: "arp", 7
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, unused here)
 
 
+_GENERATION = KeptSocket(NETLINK_NETFILTER, timeout=2.0)  # read after every write: kept open
+
+
 def generation() -> int | None:
     """The current generation, or None when it cannot be read (no nf_tables, no permission)."""
-    with contextlib.suppress(OSError, ValueError, struct.error), Socket(NETLINK_NETFILTER, timeout=2.0) as sock:
+    with contextlib.suppress(OSError, ValueError, struct.error), _GENERATION.use() as sock:
         reply = sock.get((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                          _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0), "nf_tables generation")
         attrs = parse_attrs(reply, _NFGENMSG.size)
