@@ -310,14 +310,18 @@ class EbpfBackend:
         return _Written(new.flags, new.affinity, svc_id, backends, new.source_ranges)
 
     def _apply(self, puts: dict[str, list[tuple[bytes, bytes]]], dels: dict[str, list[bytes]]) -> None:
-        # backends and ranges before the service entries naming them; service entries in order
-        # (slots, then masters when growing); deletions of what nothing names any more last
-        self._put("backends", puts["backends"])
-        self._put("ranges", puts["ranges"])
-        self._put("svcs", puts["svcs"])
+        # deletions of what nothing names any more last
+        self._write(puts)
         self._delete("svcs", dels["svcs"])
         self._delete("backends", dels["backends"])
         self._delete("ranges", dels["ranges"])
+
+    def _write(self, puts: dict[str, list[tuple[bytes, bytes]]]) -> None:
+        """Backends and ranges before the service entries naming them; service entries in order
+        (slots, then masters when growing)."""
+        self._put("backends", puts["backends"])
+        self._put("ranges", puts["ranges"])
+        self._put("svcs", puts["svcs"])
 
     @staticmethod
     def _buckets() -> tuple[dict[str, list[tuple[bytes, bytes]]], dict[str, list[bytes]]]:
@@ -384,13 +388,11 @@ class EbpfBackend:
         wanted_ranges: set[bytes] = set()
 
         def flush() -> None:
-            """Write what is pending, backends and ranges before the entries naming them: a batch
-            at a time, so a full sync of 10k Services never holds all its entries at once."""
+            """Write what is pending, a batch at a time, so a full sync of 10k Services never holds
+            all its entries at once."""
             # drift: entries whose content differs from what we would write (someone edited the map)
-            svcs = [(k, v) for k, v in puts["svcs"] if kernel_svcs.get(k) != v]
-            self._put("backends", puts["backends"])
-            self._put("ranges", puts["ranges"])
-            self._put("svcs", svcs)
+            puts["svcs"] = [(k, v) for k, v in puts["svcs"] if kernel_svcs.get(k) != v]
+            self._write(puts)
             for items in puts.values():
                 items.clear()
 
