@@ -106,6 +106,21 @@ def _until(fn: Callable[[], str], ok: Callable[[str], bool], timeout: float = 20
         time.sleep(0.2)
 
 
+def _steady(fn: Callable[[], str], ok: Callable[[str], bool], times: int = 15, timeout: float = 90) -> None:
+    """Wait until `times` answers in a row are good: one good answer is not a baseline (kube-proxy in
+    the guest can still be adding real servers, and a first answer may come from a backend already
+    there while the next connection lands on one not yet reachable: one TIMEOUT of the baseline phase
+    in a CI run)."""
+    end, streak, last = time.monotonic() + timeout, 0, ""
+    while streak < times:
+        if time.monotonic() > end:
+            raise AssertionError(f"no steady baseline: {streak} good answer(s) in a row, last {last!r}")
+        last = fn()
+        streak = streak + 1 if ok(last) else 0
+        if streak < times:
+            time.sleep(0.1)
+
+
 def test_ipvs_side_by_side_with_upstream_kube_proxy_ipvs(pair: Pair) -> None:
     h = pair.h
     s = _svc(pair, "s", "s")
@@ -210,10 +225,10 @@ def test_takeover_from_kube_proxy_ipvs_and_back(pair: Pair) -> None:
     cip, nport, uip = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["nodePort"], udp["spec"]["clusterIP"]
     client = pair.clients[node.name].name
     for ip, port, proto in ((cip, 80, "tcp"), (uip, 53, "udp")):
-        _until(lambda ip=ip, port=port, proto=proto: node.probe(client, ip, port, proto),
-               lambda r: r.startswith(("s-", "u-")))
+        _steady(lambda ip=ip, port=port, proto=proto: node.probe(client, ip, port, proto),
+                lambda r: r.startswith(("s-", "u-")))
     # and from outside, to the NodePort (kube-proxy in the guest can take many seconds to program it)
-    _until(lambda: probe(h.client, node.sim.ip, nport, timeout=1), lambda r: r.startswith("s-"), timeout=60)
+    _steady(lambda: probe(h.client, node.sim.ip, nport, timeout=1), lambda r: r.startswith("s-"))
     before = _guest_state(node)
     assert before["kube-ipvs0"] and before["kube-proxy ipsets"] and before["kube-proxy chains"], before
     agent = dataclasses.replace(node.sim, proxy_kind="agent", mode="ipvs", extra_args=["--cleanup-kube-proxy"])
