@@ -21,6 +21,13 @@ It prints one table per mode and size with the ratio agent/kube-proxy; nothing a
 Only addresses this run creates are probed (network namespaces of the harness).
 
     .venv/bin/python -m tests.bench.compare --sizes 1000 --modes iptables,nftables
+
+IPVS (`--modes ipvs`) runs each proxy in its own user-mode-linux guest (this kernel has no IPVS;
+tests/cluster/umlnode.py), both against the same apiserver: the probe connections start from the
+guest node itself, and CPU seconds and RSS are read from the guest's /proc (CPU seconds are the
+guest's, slower than this machine's by the cost of user-mode-linux, the same for both proxies).
+`--modes iptables-legacy` is the iptables mode on nodes whose rules live in legacy iptables (both
+proxies then write with iptables-legacy-restore; see `_legacy_node`).
 """
 
 from __future__ import annotations
@@ -32,14 +39,17 @@ import platform
 import random
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from tests.bench.proctree import Watch, cpu_s
 from tests.cluster.harness import Harness, Pod, SimNode, answered, ask, first_success
 from tests.cluster.kubeapi import ApiError
+
+if TYPE_CHECKING:
+    from tests.cluster.umlnode import UmlNode
 
 NS = "bench"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/bench/endpointslices"
@@ -69,78 +79,115 @@ def _slice(name: str, service: str, ips: list[str], node: str = "elsewhere") -> 
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
 
 
-# -- the proxies' process trees -------------------------------------------------------------------
+# -- the nodes under test -------------------------------------------------------------------------
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    return kids
+class ProxyNode(Protocol):
+    """A node with one proxy on it, not yet started."""
 
+    def start(self) -> float:
+        """Start the proxy; the monotonic time it was started."""
 
-def _tree(pid: int) -> list[int]:
-    kids, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
+    def answered_by(self, ip: str, name: str, t0: float, timeout: float) -> float | None:
+        """Seconds from `t0` until a connection from the node to `ip`:80 is answered by pod `name`."""
 
+    def cpu(self) -> float:
+        """CPU seconds of the proxy's process tree so far."""
 
-def _cpu(pid: int) -> float:
-    """CPU seconds of `pid` and of its children, waited-for (cutime) and running."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for i, p in enumerate(_tree(pid)):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        if i == 0:
-            total += (int(fields[13]) + int(fields[14])) / tick  # waited-for children
-    return total
+    def memory(self) -> tuple[float, float]:
+        """(peak, latest) RSS of the proxy's process tree in MB, sampled every 0.25 s."""
 
-
-def _rss_mb(pid: int) -> float:
-    total = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
-        except OSError:
-            continue
-    return total / 1024
+    def close(self) -> None: ...
 
 
 @dataclass
-class Watch:
-    """Samples one proxy's process-tree RSS every 0.25 s."""
+class NsNode:
+    """A node network namespace on this machine."""
 
-    pid: int
-    peak: float = 0.0
-    last: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
+    h: Harness
+    node: SimNode
+    watch: Watch | None = None
 
-    def __post_init__(self) -> None:
-        threading.Thread(target=self._run, daemon=True).start()
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.h.start_proxy(self.node, wait=False)
+        assert self.node.proxy is not None
+        self.watch = Watch(self.node.proxy.pid)
+        return t0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.last = _rss_mb(self.pid)
-            self.peak = max(self.peak, self.last)
-            self._stop.wait(0.25)
+    def answered_by(self, ip: str, name: str, t0: float, timeout: float) -> float | None:
+        try:
+            t, _ = first_success(lambda: ask(self.node.netns, ip, 80, timeout=1.0),
+                                 lambda r: answered(r) and r.split()[0] == name, timeout=timeout)
+        except TimeoutError:
+            return None
+        return t - t0
 
-    def stop(self) -> None:
-        self._stop.set()
+    def cpu(self) -> float:
+        assert self.watch is not None
+        return cpu_s(self.watch.pid)
+
+    def memory(self) -> tuple[float, float]:
+        return (self.watch.peak, self.watch.last) if self.watch is not None else (0.0, 0.0)
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        self.h.remove_node(self.node)
+
+
+@dataclass
+class GuestNode:
+    """A user-mode-linux guest (tests/cluster/umlnode.py), for a mode this kernel lacks (IPVS): the
+    probe connections, CPU and RSS are taken inside the guest (tests/cluster/guestd.py); a latency
+    is the time until the request reached the guest plus the guest's own count from there."""
+
+    node: UmlNode
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.node.rpc("proxy", action="start")
+        return t0
+
+    def answered_by(self, ip: str, name: str, t0: float, timeout: float) -> float | None:
+        sent = time.monotonic()
+        got = self.node.rpc("await", wait=timeout + 60, ip=ip, port=80, name=name, timeout=timeout)["elapsed"]
+        return None if got is None else sent - t0 + float(got)
+
+    def cpu(self) -> float:
+        return float(self.node.rpc("stats")["cpu"])
+
+    def memory(self) -> tuple[float, float]:
+        got = self.node.rpc("stats")
+        return float(got["peak"]), float(got["rss"])
+
+    def close(self) -> None:
+        self.node.close()
+
+
+LEGACY = "iptables-legacy"  # the iptables mode on a node whose rules live in legacy iptables
+
+
+def _legacy_node(h: Harness, node: SimNode) -> None:
+    """Make `node` a legacy-iptables node for both proxies. kube-proxy runs plain `iptables` and
+    gets xtables-legacy-multi first on its PATH (as a distribution whose alternatives point at
+    legacy would give it); the agent picks the variant holding rules (as iptables-wrapper does),
+    so the node's legacy filter table gets one rule that does nothing (a counter with a comment),
+    as a node whose other components (kubelet, a firewall) use legacy iptables would have."""
+    from tests.cluster.procs import Proc
+
+    bin_dir = h.run_dir / "iptables-legacy-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore"):
+        link = bin_dir / tool
+        if not link.is_symlink():
+            link.symlink_to("/usr/sbin/xtables-legacy-multi")
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        h.lab.exec(node.netns, tool, "-A", "INPUT", "-m", "comment", "--comment", "this node uses iptables-legacy")
+    if node.proxy_kind == "kube-proxy":
+        node.proxy = Proc(f"{node.proxy_kind}@{node.name}", h.proxy_argv(node),
+                          h.run_dir / "logs" / f"{node.proxy_kind}-{node.name}.log", h.tag, netns=node.netns,
+                          env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -205,63 +252,61 @@ class Bench:
         self.h.api.put(f"{SLICES}/probe-1", body)
         return time.monotonic(), pod.name
 
-    def answers(self, node: SimNode, name: str, t0: float, timeout: float) -> float | None:
-        def attempt() -> str:
-            return ask(node.netns, self.probe_ip, 80, timeout=1.0)
-        try:
-            t, _ = first_success(attempt, lambda r: answered(r) and r.split()[0] == name, timeout=timeout)
-        except TimeoutError:
-            return None
-        return t - t0
-
-    def on_both(self, nodes: dict[str, SimNode], name: str, t0: float, timeout: float) -> dict[str, float | None]:
+    def on_both(self, nodes: dict[str, ProxyNode], name: str, t0: float, timeout: float) -> dict[str, float | None]:
         """Each node's time from t0 to `name` answering, measured at the same time."""
         with concurrent.futures.ThreadPoolExecutor(len(nodes) or 1) as pool:
-            futures = {p: pool.submit(self.answers, node, name, t0, timeout) for p, node in nodes.items()}
+            futures = {p: pool.submit(node.answered_by, self.probe_ip, name, t0, timeout) for p, node in nodes.items()}
             return {p: f.result() for p, f in futures.items()}
+
+    def node(self, mode: str, proxy: str) -> ProxyNode:
+        """A new node for `proxy` in `mode`, its proxy not started: a network namespace, or a
+        user-mode-linux guest for IPVS when this kernel has none."""
+        self.index += 1
+        name = f"b{mode[:3]}{'l' if mode == LEGACY else ''}-{'kp' if proxy == 'kube-proxy' else 'ag'}{self.index}"
+        if mode == "ipvs" and not Path("/proc/net/ip_vs").exists():
+            from tests.cluster.umlnode import start_uml_node
+
+            return GuestNode(start_uml_node(self.h, name, self.index, proxy, mode, peers=[self.podhost],
+                                            start_proxy=False, mem=self.args.guest_mem))
+        node = self.h.add_node(name, self.index, proxy=proxy, mode="iptables" if mode == LEGACY else mode,
+                               peers=[self.podhost], start_proxy=False)
+        if mode == LEGACY:
+            _legacy_node(self.h, node)
+        return NsNode(self.h, node)
 
     def run(self, mode: str, size: int) -> dict[str, Figures]:
         a = self.args
         self.grow(size)
         figs = {p: Figures() for p in PROXIES}
-        nodes: dict[str, SimNode] = {}
-        watches: dict[str, Watch] = {}
+        nodes: dict[str, ProxyNode] = {}
         try:
             for proxy in PROXIES:  # one after the other: each cold start has the machine to itself
-                self.index += 1
-                node = self.h.add_node(f"b{mode[:3]}-{'kp' if proxy == 'kube-proxy' else 'ag'}{self.index}",
-                                       self.index, proxy=proxy, mode=mode, peers=[self.podhost], start_proxy=False)
-                nodes[proxy] = node
-                t0 = time.monotonic()
-                self.h.start_proxy(node, wait=False)
-                assert node.proxy is not None
-                pid = node.proxy.pid
-                watches[proxy] = Watch(pid)
-                took = self.answers(node, self.pods[self.current].name, t0, a.cold_timeout)
+                node = nodes[proxy] = self.node(mode, proxy)
+                t0 = node.start()
+                took = node.answered_by(self.probe_ip, self.pods[self.current].name, t0, a.cold_timeout)
                 figs[proxy].cold_s = took
-                figs[proxy].cold_cpu_s = _cpu(pid)
+                figs[proxy].cold_cpu_s = node.cpu()
                 self.h.say(f"{proxy} ({mode}, {size}): cold start "
                            + (f"{took:.1f}s, {figs[proxy].cold_cpu_s:.1f} CPU s" if took is not None
                               else f"not done after {a.cold_timeout:.0f}s"))
-            live = [p for p in PROXIES if figs[p].cold_s is not None]
+            live = {p: nodes[p] for p in PROXIES if figs[p].cold_s is not None}
             time.sleep(2)  # let any sync still running after the first answer finish
 
             # a trickle of changes
-            cpu0 = {p: _cpu(watches[p].pid) for p in live}
+            cpu0 = {p: n.cpu() for p, n in live.items()}
             w0 = time.monotonic()
             for k in range(a.changes):
                 due = w0 + k / a.rate
                 time.sleep(max(0.0, due - time.monotonic()))
                 t0, name = self.switch_probe()
-                got = self.on_both({p: nodes[p] for p in live}, name, t0, 30)
-                for p, s in got.items():
+                for p, s in self.on_both(live, name, t0, 30).items():
                     if s is None:
                         figs[p].timeouts += 1
                     else:
                         figs[p].lat.append(s)
             minutes = (time.monotonic() - w0) / 60
-            for p in live:
-                figs[p].cpu_trickle = (_cpu(watches[p].pid) - cpu0[p]) / minutes
+            for p, n in live.items():
+                figs[p].cpu_trickle = (n.cpu() - cpu0[p]) / minutes
 
             # a burst: other Services' slices, the probe's last
             rng = random.Random(size)
@@ -272,22 +317,21 @@ class Bench:
                 body["endpoints"][0]["addresses"] = [_endpoint_ip(size * 10 + j)]
                 self.h.api.put(f"{SLICES}/s{i}-1", body)
             t0, name = self.switch_probe()
-            got = self.on_both({p: nodes[p] for p in live}, name, t0, 60)
-            for p, s in got.items():
+            for p, s in self.on_both(live, name, t0, 60).items():
                 figs[p].burst_s = s
             self.h.say(f"burst of {a.burst} updates written in {t0 - b0:.2f}s")
 
             # idle: periodic syncs only
-            cpu0 = {p: _cpu(watches[p].pid) for p in live}
+            cpu0 = {p: n.cpu() for p, n in live.items()}
             time.sleep(a.idle)
-            for p in live:
-                figs[p].cpu_idle = (_cpu(watches[p].pid) - cpu0[p]) * 60 / a.idle
+            for p, n in live.items():
+                figs[p].cpu_idle = (n.cpu() - cpu0[p]) * 60 / a.idle
         finally:
-            for p, w in watches.items():
-                w.stop()
-                figs[p].peak_mb, figs[p].steady_mb = w.peak, w.last
-            for node in nodes.values():
-                self.h.remove_node(node)
+            for p, n in nodes.items():
+                try:
+                    figs[p].peak_mb, figs[p].steady_mb = n.memory()
+                finally:
+                    n.close()
         return figs
 
 
@@ -355,6 +399,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     ap.add_argument("--sync-period", default="30s", help="both proxies' periodic sync")
     ap.add_argument("--cold-timeout", type=float, default=900.0)
+    ap.add_argument("--guest-mem", default="3G", help="memory of each user-mode-linux guest (ipvs)")
     return ap
 
 

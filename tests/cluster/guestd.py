@@ -14,7 +14,12 @@ JSON-lines requests on TCP (the apiserver link's address), one per connection:
     {"op": "traffic", "action": "start", "targets": [[label, pod, ip, port, proto], ...], "rate": 20}
     {"op": "traffic", "action": "phase", "phase": "..."}
     {"op": "traffic", "action": "stop"}   -> {"table": "...", "failed": [...], "tried": n}
+    {"op": "stats"}   -> {"cpu": <CPU s of the proxy's tree>, "rss": MB now, "peak": MB since it started}
+    {"op": "await", "ip": ..., "port": ..., "name": "<pod>", "timeout": 30}
+        -> {"elapsed": <s from this request to the first connection from the node answered by that pod> | null}
     {"op": "shutdown"}
+
+The config's "start_proxy": false boots the guest with no proxy running (a benchmark's cold start).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.proctree import Watch, cpu_s
 from tests.netlab import EchoServer, Lab, probe, recv_line, sh
 
 
@@ -40,6 +46,7 @@ class Node:
         self.pods: dict[str, tuple[str, list[EchoServer]]] = {}  # name -> (netns, servers)
         self.proxy: subprocess.Popen[bytes] | None = None
         self.load: Any = None  # a tests.e2e.traffic.Traffic running
+        self.watch: Watch | None = None  # the proxy's process tree RSS
         self.stop = threading.Event()
 
     def setup(self) -> None:
@@ -71,6 +78,28 @@ class Node:
         log = open(self.cfg["proxy_log"], "ab")  # noqa: SIM115 (the proxy owns it)
         self.proxy = subprocess.Popen(argv or self.cfg["proxy_argv"], stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
+        if self.watch is not None:
+            self.watch.stop()
+        self.watch = Watch(self.proxy.pid)
+
+    def stats(self) -> dict[str, Any]:
+        assert self.proxy is not None and self.watch is not None, "no proxy started"
+        return {"cpu": cpu_s(self.proxy.pid), "rss": self.watch.last, "peak": self.watch.peak}
+
+    def await_answer(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Connections from the node itself, one started every 10 ms, until `name` answers."""
+        import time
+
+        from tests.cluster.harness import answered, first_success
+
+        t0 = time.monotonic()
+        try:
+            t, _ = first_success(lambda: probe(None, req["ip"], int(req["port"]), "tcp", timeout=1.0),
+                                 lambda r: answered(r) and r.split()[0] == req["name"],
+                                 timeout=float(req.get("timeout", 30)))
+        except TimeoutError:
+            return {"elapsed": None}
+        return {"elapsed": t - t0}
 
     def traffic(self, req: dict[str, Any]) -> dict[str, Any]:
         """New connections from pods to Services, counted as tests/e2e/traffic.py does, in here."""
@@ -139,6 +168,10 @@ class Node:
             return {"ok": True}
         if op == "traffic":
             return self.traffic(req)
+        if op == "stats":
+            return self.stats()
+        if op == "await":
+            return self.await_answer(req)
         if op == "shutdown":
             self.stop.set()
             return {"ok": True}
@@ -178,7 +211,8 @@ def main() -> int:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     node = Node(cfg)
     node.setup()
-    node.start_proxy()
+    if cfg.get("start_proxy", True):
+        node.start_proxy()
     node.serve()
     return 0
 

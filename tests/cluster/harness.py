@@ -382,6 +382,8 @@ class Harness:
             return [str(self.cp.bins / "kube-proxy"), f"--kubeconfig={self.cp.kubeconfigs['kube-proxy']}",
                     f"--hostname-override={node.name}", f"--proxy-mode={node.mode}", f"--cluster-cidr={CLUSTER_CIDR}",
                     "--iptables-min-sync-period=0s", f"--iptables-sync-period={self.sync_period}",
+                    # in IPVS mode kube-proxy ignores the iptables periods (its default minimum is 1 s)
+                    "--ipvs-min-sync-period=0s", f"--ipvs-sync-period={self.sync_period}",
                     "--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=0.0.0.0:10256",
                     "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
                     "--conntrack-tcp-timeout-close-wait=0", "--v=2"]

@@ -109,9 +109,11 @@ def _lan_bridge(h: Harness) -> str:
 
 
 def start_uml_node(h: Harness, name: str, index: int, proxy: str, mode: str,
-                   peers: list[UmlNode | SimNode] = ()) -> UmlNode:  # type: ignore[assignment]
+                   peers: list[UmlNode | SimNode] = (), start_proxy: bool = True,  # type: ignore[assignment]
+                   mem: str = "768M") -> UmlNode:
     """Boot a guest as node `name` (LAN 10.10.0.<index>), its proxy started; returns once the guest
-    answers and the proxy has synced."""
+    answers and the proxy has synced (without `start_proxy`: once the guest answers, no proxy
+    running; `node.rpc("proxy", action="start")` starts it)."""
     assert h.cp is not None and h._state is not None
     sim = SimNode(name, index, "", f"{LAN_NET}.{index}", f"{h.host_net}.{10 + index}",
                   f"zone-{chr(ord('a') + index - 1)}", proxy, mode)
@@ -134,14 +136,14 @@ def start_uml_node(h: Harness, name: str, index: int, proxy: str, mode: str,
         "bridge_mac": f"02:6b:70:61:{index:02x}:01", "service_cidr": SERVICE_CIDR,
         "peers": [[p.pod_cidr, p.ip] for p in peer_sims], "proxy_argv": argv, "proxy_log": str(log),
         "port": RPC_PORT, "ready_file": str(h.run_dir / f"{name}.ready"), "legacy_iptables": True,
-        "cluster_cidr": CLUSTER_CIDR,
+        "cluster_cidr": CLUSTER_CIDR, "start_proxy": start_proxy,
     }
     cfg_path = h.run_dir / f"{name}.json"
     cfg_path.write_text(json.dumps(cfg))
     guestd = Path(__file__).with_name("guestd.py")
     import sys
 
-    guest = Guest([sys.executable, str(guestd), str(cfg_path)], mem="768M",
+    guest = Guest([sys.executable, str(guestd), str(cfg_path)], mem=mem,
                   extra_args=[f"vec0:transport=tap,ifname={taps[0]}", f"vec1:transport=tap,ifname={taps[1]}"],
                   log=h.run_dir / "logs" / f"uml-{name}.console")
     node = UmlNode(h, sim, guest, taps)
@@ -153,9 +155,10 @@ def start_uml_node(h: Harness, name: str, index: int, proxy: str, mode: str,
         for p in peer_sims:  # the other nodes reach this node's pods through its LAN address
             if p.netns:
                 h.lab.route(p.netns, sim.pod_cidr, "via", sim.ip)
-        t0 = time.monotonic()
-        wait_until(lambda: _synced(node), 180, interval=0.5, what=f"{proxy} on {name} to sync")
-        h.say(f"{proxy} ({mode}) on UML node {name} synced in {time.monotonic() - t0:.1f}s")
+        if start_proxy:
+            t0 = time.monotonic()
+            wait_until(lambda: _synced(node), 180, interval=0.5, what=f"{proxy} on {name} to sync")
+            h.say(f"{proxy} ({mode}) on UML node {name} synced in {time.monotonic() - t0:.1f}s")
     except BaseException:
         node.close()
         raise

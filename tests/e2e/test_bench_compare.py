@@ -4,8 +4,13 @@ connection, and the table prints. Nothing here asserts on time (the benchmark on
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from tests.bench.compare import PROXIES, Bench, parser, table
 from tests.cluster.harness import Harness
+from tests.uml import why_no_uml
 
 
 def test_bench_compare_smoke(harness: Harness) -> None:
@@ -20,5 +25,31 @@ def test_bench_compare_smoke(harness: Harness) -> None:
     for proxy in PROXIES:
         f = figs[proxy]
         assert f.cold_s is not None, f"{proxy} never answered on the probe Service"
+        assert len(f.lat) == args.changes and not f.timeouts, f"{proxy}: {f}"
+        assert f.burst_s is not None and f.peak_mb > 0 and f.cpu_idle is not None
+
+
+def test_bench_compare_ipvs_smoke_in_uml(harness: Harness, request: pytest.FixtureRequest) -> None:
+    """The IPVS path: each proxy in its own user-mode-linux guest (this kernel has no IPVS), probe
+    connections, CPU and RSS taken in the guest."""
+    chosen = list(request.config.getoption("--e2e-mode", default=[]) or [])
+    if chosen and "ipvs" not in chosen:
+        pytest.skip(f"--e2e-mode {','.join(chosen)} given")
+    why = why_no_uml()
+    if why:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: no UML guest for the IPVS benchmark nodes: {why}", pytrace=False)
+        pytest.skip(f"no UML guest for the IPVS benchmark nodes: {why}")
+    args = parser().parse_args(["--changes", "3", "--rate", "2", "--burst", "5", "--idle", "2",
+                                "--cold-timeout", "120", "--guest-mem", "768M"])
+    bench = Bench(harness, args)
+    try:
+        figs = bench.run("ipvs", 30)
+    finally:
+        bench.close()
+    print(table("ipvs", 30, figs, args.changes))
+    for proxy in PROXIES:
+        f = figs[proxy]
+        assert f.cold_s is not None, f"{proxy} never answered on the probe Service in its guest"
         assert len(f.lat) == args.changes and not f.timeouts, f"{proxy}: {f}"
         assert f.burst_s is not None and f.peak_mb > 0 and f.cpu_idle is not None

@@ -1,0 +1,77 @@
+"""A process and its children, as the benchmark counts them: CPU seconds and resident memory of
+the whole tree (an `nft`, `iptables-restore` or `ipset` child counts), read from /proc. Used on
+this machine and inside user-mode-linux guests (tests/cluster/guestd.py), so stdlib only."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of `pid` and of its children, waited-for (cutime) and running."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate(tree(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if i == 0:
+            total += (int(fields[13]) + int(fields[14])) / tick  # waited-for children
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
+        except OSError:
+            continue
+    return total / 1024
+
+
+class Watch:
+    """Samples one process tree's RSS every 0.25 s: `peak` and `last` (MB)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self.last = 0.0
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last = rss_mb(self.pid)
+            self.peak = max(self.peak, self.last)
+            self._stop.wait(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
