@@ -13,20 +13,24 @@ from tests.cluster.harness import Harness
 from tests.uml import why_no_uml
 
 
-def test_bench_compare_smoke(harness: Harness) -> None:
-    args = parser().parse_args(["--changes", "4", "--rate", "4", "--burst", "5", "--idle", "2",
-                                "--cold-timeout", "90"])
+def _smoke(harness: Harness, mode: str, argv: list[str]) -> None:
+    """`mode` at 30 Services, a few changes: both proxies answer every change, every figure is there."""
+    args = parser().parse_args(["--burst", "5", "--idle", "2", *argv])
     bench = Bench(harness, args)
     try:
-        figs = bench.run("iptables", 30)
+        figs = bench.run(mode, 30)
     finally:
         bench.close()
-    print(table("iptables", 30, figs, args.changes))
+    print(table(mode, 30, figs, args.changes))
     for proxy in PROXIES:
         f = figs[proxy]
-        assert f.cold_s is not None, f"{proxy} never answered on the probe Service"
+        assert f.cold_s is not None, f"{proxy} never answered on the probe Service ({mode})"
         assert len(f.lat) == args.changes and not f.timeouts, f"{proxy}: {f}"
         assert f.burst_s is not None and f.peak_mb > 0 and f.cpu_idle is not None
+
+
+def test_bench_compare_smoke(harness: Harness) -> None:
+    _smoke(harness, "iptables", ["--changes", "4", "--rate", "4", "--cold-timeout", "90"])
 
 
 def test_bench_compare_ipvs_smoke_in_uml(harness: Harness, request: pytest.FixtureRequest) -> None:
@@ -40,16 +44,4 @@ def test_bench_compare_ipvs_smoke_in_uml(harness: Harness, request: pytest.Fixtu
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true: no UML guest for the IPVS benchmark nodes: {why}", pytrace=False)
         pytest.skip(f"no UML guest for the IPVS benchmark nodes: {why}")
-    args = parser().parse_args(["--changes", "3", "--rate", "2", "--burst", "5", "--idle", "2",
-                                "--cold-timeout", "120", "--guest-mem", "768M"])
-    bench = Bench(harness, args)
-    try:
-        figs = bench.run("ipvs", 30)
-    finally:
-        bench.close()
-    print(table("ipvs", 30, figs, args.changes))
-    for proxy in PROXIES:
-        f = figs[proxy]
-        assert f.cold_s is not None, f"{proxy} never answered on the probe Service in its guest"
-        assert len(f.lat) == args.changes and not f.timeouts, f"{proxy}: {f}"
-        assert f.burst_s is not None and f.peak_mb > 0 and f.cpu_idle is not None
+    _smoke(harness, "ipvs", ["--changes", "3", "--rate", "2", "--cold-timeout", "120", "--guest-mem", "768M"])
