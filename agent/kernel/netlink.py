@@ -233,6 +233,36 @@ class Socket:
                         errors.append(NetlinkError(code, r.what))
         return errors
 
+    def batch(self, requests: Sequence[Request], begin: Request, end: Request) -> list[NetlinkError]:
+        """`requests` between `begin` and `end` in ONE send (nfnetlink applies such a batch as one
+        transaction: all of it or, when the kernel refuses a request, none); the errors of the
+        refused requests. `begin` and `end` are sent without an ack; nfnetlink acks each request
+        only after the whole batch was committed or aborted."""
+        first = self._next()
+        msgs = [_HDR.pack(_HDR.size + len(begin.payload), begin.type, NLM_F_REQUEST | begin.flags, first, 0)
+                + begin.payload]
+        by_seq: dict[int, Request] = {}
+        for r in requests:
+            seq = self._next()
+            msgs.append(_HDR.pack(_HDR.size + len(r.payload), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0)
+                        + r.payload)
+            by_seq[seq] = r
+        msgs.append(_HDR.pack(_HDR.size + len(end.payload), end.type, NLM_F_REQUEST | end.flags, self._next(), 0)
+                    + end.payload)
+        self._sock.send(b"".join(msgs))
+        errors: list[NetlinkError] = []
+        while by_seq:
+            for kind, _, seq, payload in self._messages():
+                if kind != NLMSG_ERROR or (seq not in by_seq and seq != first):
+                    continue
+                code = -int(struct.unpack_from("=i", payload)[0])
+                if seq == first:  # the batch as a whole refused (out of memory): no other answer comes
+                    return [NetlinkError(code or errno.EIO, "batch")]
+                r = by_seq.pop(seq)
+                if code:
+                    errors.append(NetlinkError(code, r.what))
+        return errors
+
     def request(self, r: Request) -> None:
         """One acked request; NetlinkError when refused."""
         errors = self.apply([r])

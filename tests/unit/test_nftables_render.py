@@ -501,6 +501,48 @@ add element ip kube-proxy-agent $esvc {
     assert out.written["chains"] == 0 and out.written["rules"] == 0 and out.written["hairpin"] == 1
     assert out.written["endpoints"] == 2
     assert out.totals["service-ips"] == 3 and out.totals["hairpin"] == 3
+    # the same changes, for a writer that applies element changes without the nft language
+    assert out.elements == ((False, n["esvc"], "9", ""), (True, "hairpin", "10.244.1.4 . 10.244.1.4", ""),
+                            (True, n["esvc"], "9", "10.244.1.4"))
+
+
+def test_only_endpoint_element_changes_are_offered_as_elements() -> None:
+    """A change that touches a chain, another map or set (a rule's modulus, a verdict map, a new
+    Service), a periodic check, or no change at all: no element list, only the text."""
+    web = ServicePlan(info("web"), (A, B), has_any=True)
+    r, st = synced(web)
+    st.services[web.name] = dataclasses.replace(web, cluster=tuple(ep(f"10.244.2.{i}") for i in range(5)))
+    assert r.render(st, {web.name}, full=False).elements is None  # the block of 4 outgrown: the rule changes
+    st.services[web.name] = dataclasses.replace(web, cluster=())
+    assert r.render(st, {web.name}, full=False).elements is None  # no endpoints: reject verdict, chain gone
+    new = ServicePlan(info("new", "10.96.0.40"), (A,), has_any=True)
+    st.services[new.name] = new
+    assert r.render(st, {new.name}, full=False).elements is None
+    assert r.render(st, {new.name}, full=False).elements is None and r.render(st, (), full=False).text == ""
+    st.services[new.name] = dataclasses.replace(new, cluster=(B,))
+    periodic = r.render(st, {new.name}, full=True, existing=_existing(NftRenderer(4), st))
+    assert periodic.elements is None and periodic.text
+
+
+def test_element_changes_encode_as_the_kernel_stores_them() -> None:
+    """Endpoint map keys are numbers in host order (the type of `numgen`), addresses in network
+    order, hairpin keys two addresses; runs of the same map and verb are one write."""
+    import socket
+    import struct
+
+    from agent.backends.nftables.elements import element_writes
+
+    writes = element_writes(4, [(False, "endpoints-03", "9", ""), (False, "endpoints-03", "10", ""),
+                                (True, "hairpin", "10.244.1.4 . 10.244.1.4", ""),
+                                (True, "endpoints-03", "9", "10.244.1.4")])
+    assert [(w.add, w.family, w.table, w.set) for w in writes] == [
+        (False, 4, N.TABLE, "endpoints-03"), (True, 4, N.TABLE, "hairpin"), (True, 4, N.TABLE, "endpoints-03")]
+    assert writes[0].elements == ((struct.pack("=I", 9), None), (struct.pack("=I", 10), None))
+    assert writes[1].elements == ((socket.inet_aton("10.244.1.4") * 2, None),)
+    assert writes[2].elements == ((struct.pack("=I", 9), socket.inet_aton("10.244.1.4")),)
+    six = element_writes(6, [(True, "endpoints-00", "4", "fd00::1"), (True, "hairpin", "fd00::1 . fd00::1", "")])
+    assert six[0].elements[0][1] == socket.inet_pton(socket.AF_INET6, "fd00::1")
+    assert len(six[1].elements[0][0]) == 32
 
 
 def test_partial_render_of_a_removed_service_deletes_its_chains_and_elements() -> None:

@@ -55,6 +55,8 @@ Element = tuple[str, str, str, str]
 ElemValue = tuple[str, str]  # (verdict, comment)
 Owners = tuple[tuple[ServicePortName, ElemValue], ...]
 NO_VALUE: ElemValue = ("", "")  # a set element's (one object for all of them)
+ElementChange = tuple[bool, str, str, str]  # (add, map or set, key, value: an address or "")
+ELEMENT_ONLY = ENDPOINT_MAPS | {N.HAIRPIN}  # elements without verdicts or comments: see RenderResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,9 @@ class RenderResult:
     # service ports it re-asserted
     missing: tuple[str, ...] = ()
     reasserted: int = 0
+    # a partial sync that changes endpoint map and hairpin set elements only: those changes,
+    # (add, map or set, key, value) in `text`'s order, values of sets empty; None otherwise
+    elements: tuple[ElementChange, ...] | None = None
 
 
 def _comment(text: str) -> str:
@@ -622,6 +627,7 @@ class NftRenderer:
         out.written["chains"] = out.written.get("chains", 0) + BASE_CHAIN_COUNT + chains
         out.written["rules"] = out.written.get("rules", 0) + n_rules
         out.text = "\n".join(lines) + "\n"
+        out.elements = None  # more than element changes now
         out.missing = tuple(sorted(missing))
         out.reasserted = len(todo)
         return out
@@ -730,7 +736,7 @@ class NftRenderer:
         remove: list[str] = []
         original: dict[tuple[str, str], ElemValue | None] = {}  # kernel value before this sync
         deletes: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
-        adds: dict[str, list[str]] = {m: [] for m, _, _ in N.MAPS}
+        adds: dict[str, list[tuple[str, ElemValue]]] = {m: [] for m, _, _ in N.MAPS}
 
         for spn in sorted(set(changed)):
             old = self._memo.get(spn)
@@ -779,7 +785,7 @@ class NftRenderer:
                         deletes[mapname].append(key)
                         self._endpoint_elements -= 1
                     if value is not None:
-                        adds[mapname].append(_add_item(key, value))
+                        adds[mapname].append((key, value))
                         self._endpoint_elements += 1
                     continue
                 if mk not in original:
@@ -803,7 +809,7 @@ class NftRenderer:
             if before is not None:
                 deletes[mapname].append(key)
             if after is not None:
-                adds[mapname].append(_add_item(key, after))
+                adds[mapname].append((key, after))
 
         lines = list(add_sets)
         lines += [f"add chain {t} {c}" for c in declare]
@@ -812,7 +818,7 @@ class NftRenderer:
         lines += [f"flush chain {t} {c}" for c in flush]
         lines += body
         for mapname, _, _ in N.MAPS:
-            lines += _element_block("add", t, mapname, adds[mapname])
+            lines += _element_block("add", t, mapname, [_add_item(k, v) for k, v in adds[mapname]])
         lines += [f"flush chain {t} {c}" for c in remove]
         lines += [f"delete chain {t} {c}" for c in remove]
         lines += del_sets
@@ -821,4 +827,11 @@ class NftRenderer:
         written["chains"] = len(declare) + len(flush) + len(remove)
         written["rules"] = len(body)
         text = "\n".join(lines) + "\n" if lines else ""
-        return RenderResult(text, False, written, self._totals())
+        elements: tuple[ElementChange, ...] | None = None
+        if lines and not (add_sets or del_sets or declare or flush or body or remove) and all(
+                m in ELEMENT_ONLY for m, items in [*deletes.items(), *adds.items()] if items):
+            # endpoints changed, nothing else: the same transaction as element changes alone, for
+            # a writer that can apply them without nft's statement language (deletes first)
+            elements = tuple([(False, m, k, "") for m, keys in deletes.items() for k in keys]
+                             + [(True, m, k, v[0]) for m, items in adds.items() for k, v in items])
+        return RenderResult(text, False, written, self._totals(), elements=elements)

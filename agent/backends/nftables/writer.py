@@ -18,9 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMode
 from agent.backends.nftables import names as N
+from agent.backends.nftables.elements import element_writes
 from agent.backends.nftables.metrics import NftablesMetrics
 from agent.backends.nftables.render import Existing, NftRenderer, RenderResult, render_service
-from agent.kernel import conntrack, heap, nfgen
+from agent.kernel import conntrack, heap, nfgen, nftelements
 from agent.kernel.commands import CommandError, have, run
 from agent.model.desired import Changes, DesiredState, NodeContext, ServicePlan
 from agent.model.state import unanswered_tcp_flows
@@ -184,9 +185,12 @@ class NftablesBackend:
     TRIM_AFTER = 1 << 20  # transaction text size (bytes) after which the C heap is trimmed
 
     def __init__(self, nft: Nft | None = None, families: tuple[int, ...] = (4, 6),
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, netlink_elements: bool | None = None) -> None:
         self._nft = nft
         self._detected = nft is not None
+        # endpoint-only changes written over netlink (agent.kernel.nftelements), not through nft;
+        # by default only with the detected writer (a writer handed in sees every transaction)
+        self.netlink_elements = nft is None if netlink_elements is None else netlink_elements
         self.families = families
         self._renderers = {f: NftRenderer(f) for f in families}
         self.metrics = NftablesMetrics(registry)
@@ -275,6 +279,10 @@ class NftablesBackend:
             outs[fam] = out
             texts.append(out.text)
         text = "".join(texts)
+        via = nft.name
+        if text and self._elements_by_netlink(outs):
+            text, via = "", "netlink"
+            self.untouched.wrote()
         if text:
             rc, _, err = nft.run(text)
             if len(text) > self.TRIM_AFTER:
@@ -301,6 +309,8 @@ class NftablesBackend:
         kinds = {fam: "full" if out.full else f"check(reasserted={out.reasserted})" if full
                  else "unchanged" if quiet else "partial" for fam, out in outs.items()}
         result.detail = " ".join(f"IPv{fam}={k}" for fam, k in kinds.items())
+        if via == "netlink":
+            result.detail += " writer=netlink"
         self.metrics.written(result.totals)
         # UDP flows the changes left pointing nowhere, now that the new rules are in
         self.conntrack.submit([f for c in changes.values() for f in c.stale])
@@ -311,6 +321,22 @@ class NftablesBackend:
             self.conntrack.submit([f for state in desired.values() for plan in state.services.values()
                                    for f in unanswered_tcp_flows(plan)])
         return result
+
+    def _elements_by_netlink(self, outs: Mapping[int, RenderResult]) -> bool:
+        """Write a partial sync that only changes endpoint elements over netlink, in one
+        transaction; False (nothing written) when it is not such a sync or the kernel refused it:
+        the caller then loads the same changes as nft text, whose error names the statement."""
+        if not self.netlink_elements or any(o.elements is None for o in outs.values() if o.text):
+            return False
+        writes = [w for fam, o in outs.items() if o.text and o.elements for w in element_writes(fam, o.elements)]
+        try:
+            nftelements.commit(writes)
+        except nftelements.BatchTooBig:
+            return False
+        except (OSError, ValueError) as exc:
+            log.warning("nftables element write over netlink failed; writing the same changes with nft: %s", exc)
+            return False
+        return True
 
     def render(self, desired: Mapping[int, DesiredState]) -> str:
         parts = []

@@ -1,0 +1,91 @@
+"""nf_tables set and map elements added and deleted over netlink, in one transaction.
+
+Why not libnftables for these: before every transaction it reads the table's chains and sets from
+the kernel (its cache), which at 10k Services costs 11-13 ms for a transaction that only swaps a
+few elements, and most of a one-endpoint change. An element batch encoded here costs the kernel's
+commit only (about 0.2 ms at 10k Services). The batch is one nfnetlink transaction, like nft's:
+all of it takes effect or, if the kernel refuses any element, none.
+
+Only raw values: the caller encodes keys and data as the set's type stores them (addresses in
+network order, `typeof numgen` numbers in host order, each field of a concatenation padded to 4
+bytes).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.kernel.netlink import KeptSocket, NetlinkError, Request, nla, nla_nested, nla_str
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELSETELEM = 14
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
+NFTA_DATA_VALUE = 1
+NLM_F_CREATE = 0x400
+NFPROTO = {4: socket.AF_INET, 6: socket.AF_INET6}  # NFPROTO_IPV4/IPV6 equal AF_INET/AF_INET6
+MAX_BATCH_BYTES = 128 * 1024  # one send(): below the socket's default send buffer (208 KiB)
+
+_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian)
+_BEGIN = Request(NFNL_MSG_BATCH_BEGIN, _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES)), "begin")
+_END = Request(NFNL_MSG_BATCH_END, _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES)), "end")
+_SOCKET = KeptSocket(NETLINK_NETFILTER, timeout=10.0)  # a write at every endpoint change: kept open
+
+
+@dataclass(frozen=True, slots=True)
+class ElementWrite:
+    """Elements added to (or deleted from) one set or map: (key, data) pairs, data None for a set
+    element or a delete."""
+
+    add: bool
+    family: int  # 4 or 6
+    table: str
+    set: str
+    elements: tuple[tuple[bytes, bytes | None], ...]
+
+
+class BatchTooBig(ValueError):
+    """The writes do not fit one send(); write them another way (e.g. libnftables)."""
+
+
+def _request(w: ElementWrite) -> Request:
+    items = []
+    for key, data in w.elements:
+        attrs = [nla_nested(NFTA_SET_ELEM_KEY, [nla(NFTA_DATA_VALUE, key)])]
+        if data is not None:
+            attrs.append(nla_nested(NFTA_SET_ELEM_DATA, [nla(NFTA_DATA_VALUE, data)]))
+        items.append(nla_nested(NFTA_LIST_ELEM, attrs))
+    payload = (_NFGENMSG.pack(NFPROTO[w.family], 0, 0) + nla_str(NFTA_SET_ELEM_LIST_TABLE, w.table)
+               + nla_str(NFTA_SET_ELEM_LIST_SET, w.set) + nla_nested(NFTA_SET_ELEM_LIST_ELEMENTS, items))
+    verb = "add" if w.add else "delete"
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if w.add else NFT_MSG_DELSETELEM)
+    what = f"{verb} {len(w.elements)} element(s) of {'ip' if w.family == 4 else 'ip6'} {w.table} {w.set}"
+    return Request(kind, payload, what, NLM_F_CREATE if w.add else 0)
+
+
+def commit(writes: Sequence[ElementWrite]) -> None:
+    """Apply every write, in order, as one transaction. NetlinkError (the first refused write)
+    when the kernel refused any: then none took effect. BatchTooBig before anything is sent."""
+    requests = [_request(w) for w in writes if w.elements]
+    if not requests:
+        return
+    if sum(len(r.payload) + 16 for r in requests) > MAX_BATCH_BYTES:
+        raise BatchTooBig(f"{len(requests)} element writes exceed {MAX_BATCH_BYTES} bytes")
+    with _SOCKET.use() as sock:
+        errors = sock.batch(requests, _BEGIN, _END)
+    if errors:
+        raise errors[0]
+
+
+__all__ = ["BatchTooBig", "ElementWrite", "NetlinkError", "commit"]
