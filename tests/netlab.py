@@ -417,6 +417,17 @@ def wait_for(predicate: object, timeout: float = 15.0, interval: float = 0.1) ->
 
 
 @contextlib.contextmanager
+def scratch_netns(prefix: str) -> Iterator[str]:
+    """A network namespace of the caller's own, `prefix-<random>`, deleted afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
 def lab() -> Iterator[Lab]:
     lb = Lab()
     try:

@@ -8,11 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.netlab import scratch_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 SETS = ["create T1 hash:ip,port -exist", "create T2 hash:ip,port,ip -exist", "create T3 hash:ip,port,net -exist",
@@ -32,14 +33,10 @@ except ipset.IpsetError as exc:
 def netns() -> Iterator[str]:
     if shutil.which("ipset") is None:
         pytest.skip("the ipset tool is missing (apt-get install ipset)")
-    name = f"kpa-ipset-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_netns("kpa-ipset") as name:
         subprocess.run(["ip", "netns", "exec", name, "ipset", "restore"], input="\n".join(SETS) + "\n",
                        text=True, check=True)
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def change(netns: str, lines: list[str]) -> str:

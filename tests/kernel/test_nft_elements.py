@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.netlab import scratch_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r'''
@@ -80,12 +81,8 @@ b.cleanup()
 def netns() -> Iterator[str]:
     if shutil.which("nft") is None:
         pytest.skip("the nft tool is missing (apt-get install nftables)")
-    name = f"kpa-nftel-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_netns("kpa-nftel") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_endpoint_swaps_go_over_netlink_and_a_refused_one_falls_back_to_nft(netns: str) -> None:
