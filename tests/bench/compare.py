@@ -280,7 +280,8 @@ class Bench:
         figs = {p: Figures() for p in PROXIES}
         nodes: dict[str, ProxyNode] = {}
         try:
-            for proxy in PROXIES:  # one after the other: each cold start has the machine to itself
+            for proxy in [p for p in PROXIES if p in a.proxies.split(",")]:  # one after the other: each
+                # cold start has the machine to itself
                 node = nodes[proxy] = self.node(mode, proxy)
                 t0 = node.start()
                 took = node.answered_by(self.probe_ip, self.pods[self.current].name, t0, a.cold_timeout)
@@ -289,7 +290,7 @@ class Bench:
                 self.h.say(f"{proxy} ({mode}, {size}): cold start "
                            + (f"{took:.1f}s, {figs[proxy].cold_cpu_s:.1f} CPU s" if took is not None
                               else f"not done after {a.cold_timeout:.0f}s"))
-            live = {p: nodes[p] for p in PROXIES if figs[p].cold_s is not None}
+            live = {p: n for p, n in nodes.items() if figs[p].cold_s is not None}
             time.sleep(2)  # let any sync still running after the first answer finish
 
             # a trickle of changes
@@ -399,6 +400,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measurement")
     ap.add_argument("--sync-period", default="30s", help="both proxies' periodic sync")
     ap.add_argument("--cold-timeout", type=float, default=900.0)
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help="which to run (one alone: its figures, '-' for the other)")
     ap.add_argument("--guest-mem", default="3G", help="memory of each user-mode-linux guest (ipvs)")
     return ap
 
