@@ -347,7 +347,10 @@ class NftablesBackend:
 
     def features(self) -> dict[str, str]:
         nft = self.nft
-        return {"writer": nft.name if nft is not None else "none"}
+        out = {"writer": nft.name if nft is not None else "none"}
+        if self.netlink_elements:
+            out["endpoint-changes"] = "netlink"
+        return out
 
     MAX_CHAINS_READ = 200  # explain of a Service with thousands of ports: the first ones' chains
 
