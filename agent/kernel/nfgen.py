@@ -63,6 +63,8 @@ class Untouched:
         self.verify_every = verify_every
         self._gen: int | None = None
         self._skipped = 0
+        # at the last holds(): someone committed since our last write (not just a verifying check)
+        self.moved = False
 
     def wrote(self) -> None:
         self._gen = generation()
@@ -71,7 +73,8 @@ class Untouched:
         self._gen = None
 
     def holds(self) -> bool:
-        if self._gen is None or self._skipped + 1 >= self.verify_every or generation() != self._gen:
+        self.moved = self._gen is not None and generation() != self._gen
+        if self._gen is None or self._skipped + 1 >= self.verify_every or self.moved:
             self._skipped = 0
             return False
         self._skipped += 1

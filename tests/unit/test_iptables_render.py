@@ -1024,6 +1024,23 @@ def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written()
     assert node.renderer.drift(counts, digests) == {WEB}
 
 
+def test_ports_written_before_a_foreign_commit_are_not_digested_but_left_to_rewrite() -> None:
+    """A check after someone else committed (digest_unchecked=False) does not take a port written
+    since the last check as the kernel shows it (it may have been edited already): the port stays
+    unchecked, for the writer to rewrite; a later check with nobody in between records it."""
+    node = two_services()
+    node.renderer.in_sync = True
+    counts = kernel_counts(node)
+    digests = {key: hash(key) for key in counts}
+    svc = ("nat", C.service_chain("SVC", "ns/web:http", "TCP"))
+    edited = {**digests, svc: digests[svc] + 1}
+    assert node.renderer.unchecked >= {WEB} and node.renderer.as_written
+    assert node.renderer.drift(counts, edited, digest_unchecked=False) == set()
+    assert WEB in node.renderer.unchecked
+    assert node.renderer.drift(counts, digests) == set() and not node.renderer.unchecked
+    assert node.renderer.drift(counts, edited) == {WEB}
+
+
 def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
     """Issue 15: a periodic full sync (told the kernel's chains by iptables-save) in which a port's
     endpoints also changed listed the replaced endpoint chain twice: once as the port's own

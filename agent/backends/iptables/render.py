@@ -322,9 +322,15 @@ class IptablesRenderer:
         self.in_sync = False
 
     @property
-    def settled(self) -> bool:
-        """In sync, and every service port has been seen by a check since it was last written."""
-        return self.in_sync and not self._unchecked and not self._unwritten
+    def as_written(self) -> bool:
+        """In sync, and no refused restore left ports unwritten: the kernel holds what this
+        renderer produced unless someone else changed it."""
+        return self.in_sync and not self._unwritten
+
+    @property
+    def unchecked(self) -> frozenset[ServicePortName]:
+        """Ports written since a check last saw them (they have no digest yet)."""
+        return frozenset(self._unchecked)
 
     def refused(self, ports: Iterable[ServicePortName]) -> None:
         """A restore of a sync was refused after the earlier ones of that sync went in. When the
@@ -344,12 +350,15 @@ class IptablesRenderer:
         return base_rules(node, localhost_nodeports(node, self.localhost_nodeports))
 
     def drift(self, rule_counts: Mapping[tuple[str, str], int],
-              digests: Mapping[tuple[str, str], int] | None = None) -> set[ServicePortName] | None:
+              digests: Mapping[tuple[str, str], int] | None = None,
+              digest_unchecked: bool = True) -> set[ServicePortName] | None:
         """Compare what was written with what the kernel holds (rules per chain of ours, from
         iptables-save; a missing chain counts as different; a service chain whose rules changed
         since the last check, count unchanged, too). Returns the service ports whose chains differ
         (a shared chain that differs is rewritten with them), or None when a base chain differs or
-        nothing was written yet: then only a full rewrite will do."""
+        nothing was written yet: then only a full rewrite will do. Ports written since the last
+        check take what the kernel shows as their digest, unless `digest_unchecked` is False
+        (someone else committed since they were written: the caller rewrites them instead)."""
         self.shared_drifted = []
         if not self.in_sync or self._node is None:
             return None
@@ -369,8 +378,9 @@ class IptablesRenderer:
             elif digests is not None:
                 seen = hash(tuple(digests.get((t, name)) for t, cs in r.chains.items() for name, _ in cs))
                 if spn in self._unchecked:
-                    self._digests[spn] = seen  # as the kernel printed what was written
-                    self._unchecked.discard(spn)
+                    if digest_unchecked:
+                        self._digests[spn] = seen  # as the kernel printed what was written
+                        self._unchecked.discard(spn)
                 elif self._digests.get(spn, seen) != seen:
                     drifted.add(spn)
         for spn in drifted:

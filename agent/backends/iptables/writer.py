@@ -88,12 +88,17 @@ class IptablesBackend:
         result = SyncResult()
         # A periodic check while nobody has committed to nf_tables since our last restore (the nft
         # variant's ruleset generation is unchanged) has no drift to find: no iptables-save, only
-        # the pending changes. Legacy iptables has no such counter: it always checks. A port written
-        # since the last check still needs that check (it records the chain's digest as written).
-        if full and self.tools.variant != "legacy" and all(r.settled for r in self._renderers.values()) \
-                and self.untouched.holds():
-            full = False
-            result.detail = "unchanged"
+        # the pending changes. Legacy iptables has no such counter: it always checks. Ports written
+        # since the last check that read back wait for one (every `verify_every`-th check reads
+        # back anyway) to record their chains' digests; when someone else has committed since,
+        # those ports are rewritten instead, as their chains may not be what was written.
+        digest_unchecked = True
+        if full and self.tools.variant != "legacy" and all(r.as_written for r in self._renderers.values()):
+            if self.untouched.holds():
+                full = False
+                result.detail = "unchanged"
+            else:
+                digest_unchecked = not self.untouched.moved
         for fam in self.families:
             state = desired[fam]
             renderer = self._renderers[fam]
@@ -109,7 +114,7 @@ class IptablesBackend:
                 # only what differs (a chain flushed or deleted by hand, a missing jump); a complete
                 # rewrite happens at start-up, after a failure, or when a base chain drifted.
                 saved = self._saved(fam)
-                drifted = renderer.drift(saved.rules, saved.digests)
+                drifted = renderer.drift(saved.rules, saved.digests, digest_unchecked)
                 saved.digests.clear()  # not needed past the check: free it before rendering
                 if renderer.shared_drifted:
                     result.repaired += len(renderer.shared_drifted)
@@ -122,7 +127,7 @@ class IptablesBackend:
                 else:
                     result.detail = f"checked(repaired={len(drifted)})"
                     result.repaired += len(drifted)
-                    todo = drifted | set(changed)
+                    todo = drifted | set(changed) | (set() if digest_unchecked else renderer.unchecked)
                     if drifted:
                         log.warning("rules drifted from what was written; repairing family=IPv%d "
                                     "service_ports=%d", fam, len(drifted))
