@@ -50,6 +50,37 @@ def parse(data: bytes, name: str, *, json_only: bool = False) -> list[object]:
         raise FileError(f"{name}: {_yaml_problem(exc)}") from None
 
 
+class _Top(msgspec.Struct):
+    kind: str = ""
+    items: list[msgspec.Raw] | None = None
+
+
+def json_objects(data: bytes, name: str, *, json_only: bool = False) -> list[tuple[str, msgspec.Raw]] | None:
+    """(kind, the object's JSON bytes) of every object of a JSON file, a `List`'s items or the one
+    object, without building Python objects for the whole file (a 10k-Service List would take ~10x
+    its size as dicts); None when `data` is not JSON and may be YAML (see `parse`). Items that are
+    not objects are left out."""
+    if not json_only and data.lstrip()[:1] != b"{":
+        return None
+    try:
+        top = msgspec.json.decode(data, type=_Top)
+    except msgspec.ValidationError:
+        return [] if json_only else None  # JSON but not an object with a kind: nothing of ours
+    except msgspec.DecodeError as exc:
+        if json_only:
+            raise FileError(f"{name}: {_json_line(data, exc)}not valid JSON: {exc}") from None
+        return None
+    if top.kind != "List":
+        return [(top.kind, msgspec.Raw(data))]
+    out = []
+    for raw in top.items or []:
+        try:
+            out.append((msgspec.json.decode(raw, type=_Top).kind, raw))
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
 def documents(path: Path, what: str = "") -> list[object]:
     """Every document in the file at `path`; `what` (e.g. "--config") prefixes the file's name."""
     name = f"{what} {path}" if what else str(path)

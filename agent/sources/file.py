@@ -15,8 +15,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from agent.files import FileError, documents
-from agent.model.records import KIND_TYPES, DecodeError, Record, from_builtins
+from agent.files import FileError, json_objects, parse
+from agent.model.records import KIND_TYPES, DecodeError, Record, from_builtins, from_json
 from agent.model.serviceport import NamespacedName, Problem
 from agent.sources.base import Sink, key_of
 
@@ -45,7 +45,23 @@ def load_file(f: Path) -> tuple[Records, list[Problem]]:
     file itself cannot be read or parsed."""
     out: Records = {k: {} for k in KIND_TYPES}
     problems: list[Problem] = []
-    for doc in _items(documents(f)):
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise FileError(f"{f}: cannot read: {exc.strerror or exc}") from None
+    objects = json_objects(data, str(f), json_only=f.suffix == ".json")
+    if objects is not None:  # JSON: each object decoded from its own bytes straight into its record
+        for kind, raw in objects:
+            if kind not in KIND_TYPES:
+                continue
+            try:
+                rec = from_json(kind, raw)
+            except DecodeError as exc:
+                problems.append(Problem(kind, str(f), "decode_error", str(exc)))
+                continue
+            out[kind][key_of(rec)] = rec
+        return out, problems
+    for doc in _items(parse(data, str(f))):
         kind = doc.get("kind", "") if isinstance(doc, dict) else ""
         if kind not in KIND_TYPES:
             continue  # other kinds (Pods, Deployments ...) may share the file

@@ -228,3 +228,23 @@ def test_json_is_decoded_as_json_and_names_the_line_of_an_error(tmp_path: Path) 
     (tmp_path / "a.json").write_text(json.dumps(doc, indent=1).replace('"web"', "web"))
     _, problems = load(tmp_path)
     assert "a.json: line 8: not valid JSON" in problems[0].detail
+
+
+def test_json_objects_are_decoded_from_their_own_bytes(tmp_path: Path) -> None:
+    """A JSON List is decoded item by item from its bytes (no dicts for the whole file): items that
+    are not objects or not of our kinds are left out, a bad item is one problem naming its field,
+    and a file holding one object (not a List) works the same."""
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}
+    bad = {**svc, "metadata": {"name": "bad", "namespace": "shop"}, "spec": {"ports": [{"port": "x"}]}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}}
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "List", "items": [svc, 7, pod, bad, None]}))
+    records, problems = load(tmp_path)
+    assert names(records)["Service"] == ["shop/web"]
+    assert len(problems) == 1 and "$.spec.ports[0].port" in problems[0].detail
+    (tmp_path / "a.json").write_text(json.dumps(svc))
+    records, problems = load(tmp_path)
+    assert names(records)["Service"] == ["shop/web"] and not problems
+    (tmp_path / "a.json").write_text("[1, 2]")  # JSON, but nothing of ours
+    records, problems = load(tmp_path)
+    assert not any(records.values()) and not problems
