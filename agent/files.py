@@ -55,6 +55,10 @@ class _Top(msgspec.Struct):
     items: list[msgspec.Raw] | None = None
 
 
+class _Kind(msgspec.Struct):
+    kind: str = ""
+
+
 def json_objects(data: bytes, name: str, *, json_only: bool = False) -> list[tuple[str, msgspec.Raw]] | None:
     """(kind, the object's JSON bytes) of every object of a JSON file, a `List`'s items or the one
     object, without building Python objects for the whole file (a 10k-Service List would take ~10x
@@ -63,9 +67,13 @@ def json_objects(data: bytes, name: str, *, json_only: bool = False) -> list[tup
     if not json_only and data.lstrip()[:1] != b"{":
         return None
     try:
-        top = msgspec.json.decode(data, type=_Top)
-    except msgspec.ValidationError:
-        return [] if json_only else None  # JSON but not an object with a kind: nothing of ours
+        try:
+            top = msgspec.json.decode(data, type=_Top)
+        except msgspec.ValidationError:  # not an object with a kind and a list of items
+            if not json_only:
+                return None
+            msgspec.json.decode(data)  # valid JSON (nothing of ours), or the syntax error below
+            return []
     except msgspec.DecodeError as exc:
         if json_only:
             raise FileError(f"{name}: {_json_line(data, exc)}not valid JSON: {exc}") from None
@@ -75,7 +83,7 @@ def json_objects(data: bytes, name: str, *, json_only: bool = False) -> list[tup
     out = []
     for raw in top.items or []:
         try:
-            out.append((msgspec.json.decode(raw, type=_Top).kind, raw))
+            out.append((msgspec.json.decode(raw, type=_Kind).kind, raw))
         except msgspec.ValidationError:
             continue
     return out

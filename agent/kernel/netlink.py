@@ -251,16 +251,30 @@ class Socket:
                     + end.payload)
         self._sock.send(b"".join(msgs))
         errors: list[NetlinkError] = []
-        while by_seq:
-            for kind, _, seq, payload in self._messages():
-                if kind != NLMSG_ERROR or (seq not in by_seq and seq != first):
-                    continue
-                code = -int(struct.unpack_from("=i", payload)[0])
-                if seq == first:  # the batch as a whole refused (out of memory): no other answer comes
-                    return [NetlinkError(code or errno.EIO, "batch")]
-                r = by_seq.pop(seq)
-                if code:
-                    errors.append(NetlinkError(code, r.what))
+        timeout = self._sock.gettimeout()
+        try:
+            while by_seq:
+                try:
+                    answers = list(self._messages())
+                except TimeoutError:
+                    if errors:  # the kernel answered a refusal and nothing more (e.g. out of memory)
+                        return errors
+                    raise
+                for kind, _, seq, payload in answers:
+                    if kind != NLMSG_ERROR or (seq not in by_seq and seq != first):
+                        continue
+                    code = -int(struct.unpack_from("=i", payload)[0])
+                    if seq == first:
+                        return [NetlinkError(code or errno.EIO, "batch")]
+                    r = by_seq.pop(seq)
+                    if code:
+                        errors.append(NetlinkError(code, r.what))
+                        # The batch is aborted. The other answers come together with this one,
+                        # except when the kernel could not queue them (it then answers one
+                        # request with ENOMEM): wait briefly, not for the full timeout.
+                        self._sock.settimeout(0.2)
+        finally:
+            self._sock.settimeout(timeout)
         return errors
 
     def request(self, r: Request) -> None:

@@ -54,10 +54,11 @@ def tables() -> set[tuple[str, str]] | None:
 class Untouched:
     """Tells a periodic check whether nf_tables is as the mode's last write left it.
 
-    `wrote()` after every successful write (and never after a failed one: `forget()`); `holds()`
-    at a periodic check: True when the generation is the one read after that write, so the check
-    may skip reading the ruleset back. Every `verify_every`-th check verifies anyway, which bounds
-    the one blind spot: a foreign commit between our write and the read that follows it."""
+    `before_write()` just before and `wrote()` just after every successful write (never after a
+    failed one: `forget()`); `holds()` at a periodic check: True when nobody else has committed
+    since (the generation is the one read after our last write, and was so before each later
+    write), so the check may skip reading the ruleset back. Every `verify_every`-th check verifies
+    anyway, which bounds the one blind spot: a foreign commit during our write."""
 
     def __init__(self, verify_every: int = 10) -> None:
         self.verify_every = verify_every
@@ -65,17 +66,30 @@ class Untouched:
         self._skipped = 0
         # at the last holds(): someone committed since our last write (not just a verifying check)
         self.moved = False
+        self._foreign = False  # a commit by someone else seen just before one of our writes
+
+    def before_write(self) -> None:
+        """Just before our own write: a commit by someone else since our last write would be taken
+        in by the generation read after this one; remember it for the next check."""
+        if self._gen is not None and not self._foreign and generation() != self._gen:
+            self._foreign = True
 
     def wrote(self) -> None:
         self._gen = generation()
 
     def forget(self) -> None:
         self._gen = None
+        self._foreign = False
 
     def holds(self) -> bool:
-        self.moved = self._gen is not None and generation() != self._gen
+        now = generation()
+        self.moved = self._foreign or (self._gen is not None and now != self._gen)
         if self._gen is None or self._skipped + 1 >= self.verify_every or self.moved:
+            # the check reads the ruleset back now: what others committed so far is seen by it
             self._skipped = 0
+            self._foreign = False
+            if self._gen is not None:
+                self._gen = now
             return False
         self._skipped += 1
         return True

@@ -36,6 +36,7 @@ NFTA_DATA_VALUE = 1
 NLM_F_CREATE = 0x400
 NFPROTO = {4: socket.AF_INET, 6: socket.AF_INET6}  # NFPROTO_IPV4/IPV6 equal AF_INET/AF_INET6
 MAX_BATCH_BYTES = 128 * 1024  # one send(): below the socket's default send buffer (208 KiB)
+MAX_PER_MESSAGE = 256  # elements per message: its element list is one attribute, at most 64 KiB
 
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian)
 _BEGIN = Request(NFNL_MSG_BATCH_BEGIN, _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES)), "begin")
@@ -74,18 +75,26 @@ def _request(w: ElementWrite) -> Request:
     return Request(kind, payload, what, NLM_F_CREATE if w.add else 0)
 
 
+def requests(writes: Sequence[ElementWrite]) -> list[Request]:
+    """The batch's messages: a write's elements in runs of MAX_PER_MESSAGE. BatchTooBig when
+    they would not fit one send()."""
+    elements = sum(len(w.elements) for w in writes)
+    if elements * 64 > MAX_BATCH_BYTES:  # an element takes at most ~50 bytes (IPv6 hairpin pair)
+        raise BatchTooBig(f"{elements} element changes are too many for one netlink batch")
+    return [_request(ElementWrite(w.add, w.family, w.table, w.set, w.elements[i:i + MAX_PER_MESSAGE]))
+            for w in writes for i in range(0, len(w.elements), MAX_PER_MESSAGE)]
+
+
 def commit(writes: Sequence[ElementWrite]) -> None:
     """Apply every write, in order, as one transaction. NetlinkError (the first refused write)
     when the kernel refused any: then none took effect. BatchTooBig before anything is sent."""
-    requests = [_request(w) for w in writes if w.elements]
-    if not requests:
+    batch = requests(writes)
+    if not batch:
         return
-    if sum(len(r.payload) + 16 for r in requests) > MAX_BATCH_BYTES:
-        raise BatchTooBig(f"{len(requests)} element writes exceed {MAX_BATCH_BYTES} bytes")
     with _SOCKET.use() as sock:
-        errors = sock.batch(requests, _BEGIN, _END)
+        errors = sock.batch(batch, _BEGIN, _END)
     if errors:
         raise errors[0]
 
 
-__all__ = ["BatchTooBig", "ElementWrite", "NetlinkError", "commit"]
+__all__ = ["BatchTooBig", "ElementWrite", "NetlinkError", "commit", "requests"]

@@ -248,3 +248,6 @@ def test_json_objects_are_decoded_from_their_own_bytes(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("[1, 2]")  # JSON, but nothing of ours
     records, problems = load(tmp_path)
     assert not any(records.values()) and not problems
+    (tmp_path / "a.json").write_text("[1,\n x]")  # not even JSON: named with its line
+    _, problems = load(tmp_path)
+    assert len(problems) == 1 and "a.json: line 2: not valid JSON" in problems[0].detail

@@ -1041,6 +1041,22 @@ def test_ports_written_before_a_foreign_commit_are_not_digested_but_left_to_rewr
     assert node.renderer.drift(counts, edited) == {WEB}
 
 
+def test_a_port_rewritten_by_a_check_takes_its_digest_at_the_next_one_whoever_committed() -> None:
+    """On a node where someone else commits between most checks, a port rewritten because of that
+    is not rewritten again at every later check: the next read-back records it."""
+    node = two_services()
+    node.renderer.in_sync = True
+    counts = kernel_counts(node)
+    digests = {key: hash(key) for key in counts}
+    assert node.renderer.drift(counts, digests, digest_unchecked=False) == set()
+    reassert = node.renderer.unchecked
+    node.renderer.render(node.desired, reassert, full=False)
+    node.renderer.mark_reasserted(reassert)
+    assert node.renderer.reasserted == reassert
+    assert node.renderer.drift(counts, digests, digest_unchecked=False) == set()
+    assert not node.renderer.unchecked and not node.renderer.reasserted
+
+
 def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
     """Issue 15: a periodic full sync (told the kernel's chains by iptables-save) in which a port's
     endpoints also changed listed the replaced endpoint chain twice: once as the port's own

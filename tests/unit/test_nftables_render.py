@@ -871,6 +871,48 @@ def test_generation_is_recorded_after_a_write_only(monkeypatch: pytest.MonkeyPat
     assert not backend.untouched.holds()
 
 
+def test_a_foreign_commit_before_our_next_write_is_not_taken_for_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone commits, then we write: the generation read after our write includes their commit,
+    but the read before it saw it, so the next check still reads back (and says someone moved)."""
+    import agent.kernel.nfgen as nfgen
+
+    gen = [1]
+    monkeypatch.setattr(nfgen, "generation", lambda: gen[0])
+    untouched = nfgen.Untouched()
+    untouched.before_write()
+    untouched.wrote()
+    assert untouched.holds() and not untouched.moved
+    gen[0] = 2  # someone else commits
+    untouched.before_write()
+    gen[0] = 3  # our write
+    untouched.wrote()
+    assert not untouched.holds() and untouched.moved
+    untouched.before_write()
+    untouched.wrote()  # nobody else since the check
+    assert untouched.holds()
+    gen[0] = 4  # someone else commits; the next check reads back (and sees it), then we write
+    assert not untouched.holds() and untouched.moved
+    untouched.before_write()
+    gen[0] = 5
+    untouched.wrote()
+    assert untouched.holds() and not untouched.moved
+
+
+def test_element_batches_split_long_runs_and_refuse_too_many() -> None:
+    """One message's element list is one netlink attribute (64 KiB at most): a long run of one map
+    is split over several messages of the same batch; far too many elements for one send are
+    refused before anything is encoded, for the writer to use nft instead."""
+    from agent.kernel import nftelements
+
+    key6 = bytes(16)
+    many = nftelements.ElementWrite(True, 6, N.TABLE, "hairpin", tuple((key6 * 2, None) for _ in range(1500)))
+    requests = nftelements.requests([many])
+    assert len(requests) == -(-1500 // nftelements.MAX_PER_MESSAGE)
+    assert all(len(r.payload) < 65535 for r in requests)
+    with pytest.raises(nftelements.BatchTooBig):
+        nftelements.requests([many, many])
+
+
 def test_cluster_ips_check_rejects_other_ports_and_drops_unallocated_addresses() -> None:
     """As kube-proxy's nftables mode: after DNAT, new traffic still addressed to a cluster IP found
     no port of it (rejected); traffic to an address of the service CIDRs (ServiceCIDR objects) that

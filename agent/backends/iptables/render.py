@@ -309,6 +309,10 @@ class IptablesRenderer:
         # edited in place (same count) in a port with a digest is drift.
         self._digests: dict[ServicePortName, int] = {}
         self._unchecked: set[ServicePortName] = set()
+        # unchecked ports rewritten by a check because someone else had committed since they were
+        # written: the next read-back takes their digest whoever committed since (else, on a node
+        # where others commit between most checks, they would be rewritten at every check)
+        self._reasserted: set[ServicePortName] = set()
         # ports a refused restore left unwritten: rewritten by the next sync, whatever it is
         self._unwritten: set[ServicePortName] = set()
 
@@ -318,6 +322,7 @@ class IptablesRenderer:
         self._dispatch_count.clear()
         self._digests.clear()
         self._unchecked.clear()
+        self._reasserted.clear()
         self._unwritten.clear()
         self.in_sync = False
 
@@ -332,6 +337,14 @@ class IptablesRenderer:
         """Ports written since a check last saw them (they have no digest yet)."""
         return frozenset(self._unchecked)
 
+    @property
+    def reasserted(self) -> frozenset[ServicePortName]:
+        return frozenset(self._reasserted)
+
+    def mark_reasserted(self, ports: Iterable[ServicePortName]) -> None:
+        """`ports` were just rewritten by a check (not for a change): see `_reasserted`."""
+        self._reasserted.update(p for p in ports if p in self._unchecked)
+
     def refused(self, ports: Iterable[ServicePortName]) -> None:
         """A restore of a sync was refused after the earlier ones of that sync went in. When the
         kernel held what was written before this sync, only `ports` (those of the refused restore
@@ -345,6 +358,7 @@ class IptablesRenderer:
         for spn in self._unwritten:
             self._digests.pop(spn, None)
             self._unchecked.discard(spn)
+            self._reasserted.discard(spn)
 
     def _base(self, node: NodeContext) -> dict[tuple[str, str], tuple[str, ...]]:
         return base_rules(node, localhost_nodeports(node, self.localhost_nodeports))
@@ -378,9 +392,10 @@ class IptablesRenderer:
             elif digests is not None:
                 seen = hash(tuple(digests.get((t, name)) for t, cs in r.chains.items() for name, _ in cs))
                 if spn in self._unchecked:
-                    if digest_unchecked:
+                    if digest_unchecked or spn in self._reasserted:
                         self._digests[spn] = seen  # as the kernel printed what was written
                         self._unchecked.discard(spn)
+                        self._reasserted.discard(spn)
                 elif self._digests.get(spn, seen) != seen:
                     drifted.add(spn)
         for spn in drifted:
@@ -459,12 +474,14 @@ class IptablesRenderer:
             deleted -= dropped[spn]
         for spn in to_write:  # rewritten ports get their digest at the next check
             self._digests.pop(spn, None)
+            self._reasserted.discard(spn)
             if spn in self._rules:
                 self._unchecked.add(spn)
             else:
                 self._unchecked.discard(spn)
         if full:
             self._unchecked &= self._rules.keys()
+            self._reasserted &= self._unchecked
             for removed in self._digests.keys() - self._rules.keys():
                 del self._digests[removed]
         if batch_chains and sum(len(self._rules[s].chain_names()) for s in to_write if s in self._rules) \

@@ -127,12 +127,14 @@ class IptablesBackend:
                 else:
                     result.detail = f"checked(repaired={len(drifted)})"
                     result.repaired += len(drifted)
-                    todo = drifted | set(changed) | (set() if digest_unchecked else renderer.unchecked)
+                    reassert = set() if digest_unchecked else renderer.unchecked - renderer.reasserted
+                    todo = drifted | set(changed) | reassert
                     if drifted:
                         log.warning("rules drifted from what was written; repairing family=IPv%d "
                                     "service_ports=%d", fam, len(drifted))
                     out = renderer.render(state, todo, full=False, existing_chains=saved.chains,
                                           batch_chains=batch)
+                    renderer.mark_reasserted(reassert - drifted - set(changed))
                 hooks = missing_hooks(saved, C.HOOKS)
                 last = out.batches.pop() if out.batches else ""
                 out.batches.append(with_hooks(last, hooks))
@@ -170,6 +172,8 @@ class IptablesBackend:
     def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool,
                  unwritten: frozenset[ServicePortName]) -> None:
         try:
+            if self.tools.variant != "legacy":
+                self.untouched.before_write()
             restore(self.tools, fam, text)
             if self.tools.variant != "legacy":
                 self.untouched.wrote()  # after each write, and only then: a foreign commit since stays visible

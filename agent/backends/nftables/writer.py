@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -284,6 +285,7 @@ class NftablesBackend:
             text, via = "", "netlink"
             self.untouched.wrote()
         if text:
+            self.untouched.before_write()
             rc, _, err = nft.run(text)
             if len(text) > self.TRIM_AFTER:
                 nft.release()
@@ -328,12 +330,13 @@ class NftablesBackend:
         the caller then loads the same changes as nft text, whose error names the statement."""
         if not self.netlink_elements or any(o.elements is None for o in outs.values() if o.text):
             return False
-        writes = [w for fam, o in outs.items() if o.text and o.elements for w in element_writes(fam, o.elements)]
         try:
+            writes = [w for fam, o in outs.items() if o.text and o.elements for w in element_writes(fam, o.elements)]
+            self.untouched.before_write()
             nftelements.commit(writes)
         except nftelements.BatchTooBig:
             return False
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, struct.error) as exc:
             log.warning("nftables element write over netlink failed; writing the same changes with nft: %s", exc)
             return False
         return True
