@@ -89,11 +89,15 @@ def json_objects(data: bytes, name: str, *, json_only: bool = False) -> list[tup
     return out
 
 
+def read(path: Path, name: str) -> bytes:
+    """The bytes of the file at `path`; FileError naming it as `name` when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FileError(f"{name}: cannot read: {exc.strerror or exc}") from None
+
+
 def documents(path: Path, what: str = "") -> list[object]:
     """Every document in the file at `path`; `what` (e.g. "--config") prefixes the file's name."""
     name = f"{what} {path}" if what else str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FileError(f"{name}: cannot read: {exc.strerror or exc}") from None
-    return parse(data, name, json_only=path.suffix == ".json")
+    return parse(read(path, name), name, json_only=path.suffix == ".json")

@@ -70,6 +70,11 @@ class NetlinkError(OSError):
 
 # -- attributes -----------------------------------------------------------------------------------
 
+def message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
+    """One netlink message: header and payload."""
+    return _HDR.pack(_HDR.size + len(payload), kind, flags, seq, 0) + payload
+
+
 def nla(kind: int, payload: bytes) -> bytes:
     """One attribute, padded to 4 bytes."""
     raw = _NLA.pack(_NLA.size + len(payload), kind) + payload
@@ -217,8 +222,7 @@ class Socket:
             while i < len(requests) and (not buf or (size < self.BATCH_BYTES and len(buf) < self.BATCH_REQUESTS)):
                 r = requests[i]
                 seq = self._next()
-                msg = _HDR.pack(_HDR.size + len(r.payload), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0)
-                buf.append(msg + r.payload)
+                buf.append(message(r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, r.payload))
                 size += _HDR.size + len(r.payload)
                 by_seq[seq] = r
                 i += 1
@@ -239,16 +243,13 @@ class Socket:
         refused requests. `begin` and `end` are sent without an ack; nfnetlink acks each request
         only after the whole batch was committed or aborted."""
         first = self._next()
-        msgs = [_HDR.pack(_HDR.size + len(begin.payload), begin.type, NLM_F_REQUEST | begin.flags, first, 0)
-                + begin.payload]
+        msgs = [message(begin.type, NLM_F_REQUEST | begin.flags, first, begin.payload)]
         by_seq: dict[int, Request] = {}
         for r in requests:
             seq = self._next()
-            msgs.append(_HDR.pack(_HDR.size + len(r.payload), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0)
-                        + r.payload)
+            msgs.append(message(r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, r.payload))
             by_seq[seq] = r
-        msgs.append(_HDR.pack(_HDR.size + len(end.payload), end.type, NLM_F_REQUEST | end.flags, self._next(), 0)
-                    + end.payload)
+        msgs.append(message(end.type, NLM_F_REQUEST | end.flags, self._next(), end.payload))
         self._sock.send(b"".join(msgs))
         errors: list[NetlinkError] = []
         timeout = self._sock.gettimeout()
@@ -286,7 +287,7 @@ class Socket:
     def get(self, kind: int, payload: bytes, what: str) -> memoryview:
         """The one reply to a (non-dump) get request."""
         seq = self._next()
-        self._sock.send(_HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST, seq, 0) + payload)
+        self._sock.send(message(kind, NLM_F_REQUEST, seq, payload))
         while True:
             for mtype, _, mseq, body in self._messages():
                 if mseq != seq:
@@ -298,7 +299,7 @@ class Socket:
     def dump(self, kind: int, payload: bytes) -> list[memoryview]:
         """Every message a dump request returns (their payloads, after the netlink header)."""
         seq = self._next()
-        self._sock.send(_HDR.pack(_HDR.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + payload)
+        self._sock.send(message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
         out: list[memoryview] = []
         while True:
             for mtype, _, mseq, body in self._messages():
@@ -347,7 +348,7 @@ def genl_family(sock: Socket, name: str) -> int:
     """The id of a generic netlink family (e.g. "IPVS"); NetlinkError(ENOENT) when the kernel has none."""
     seq = sock._next()
     payload = GENL_HDR.pack(CTRL_CMD_GETFAMILY, 1, 0) + nla_str(CTRL_ATTR_FAMILY_NAME, name)
-    sock._sock.send(_HDR.pack(_HDR.size + len(payload), GENL_ID_CTRL, NLM_F_REQUEST, seq, 0) + payload)
+    sock._sock.send(message(GENL_ID_CTRL, NLM_F_REQUEST, seq, payload))
     while True:
         for kind, _, mseq, body in sock._messages():
             if mseq != seq:

@@ -20,7 +20,7 @@ NFT_MSG_GETGEN = 16
 NFTA_TABLE_NAME = 1
 NFTA_GEN_ID = 1
 FAMILIES = {socket.AF_INET: "ip", socket.AF_INET6: "ip6", 1: "inet", 3: "arp", 7: "bridge", 5: "netdev"}
-_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, unused here)
+NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian: a batch's subsystem)
 
 
 _GENERATION = KeptSocket(NETLINK_NETFILTER, timeout=2.0)  # read after every write: kept open
@@ -30,8 +30,8 @@ def generation() -> int | None:
     """The current generation, or None when it cannot be read (no nf_tables, no permission)."""
     with contextlib.suppress(OSError, ValueError, struct.error), _GENERATION.use() as sock:
         reply = sock.get((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
-                         _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0), "nf_tables generation")
-        attrs = parse_attrs(reply, _NFGENMSG.size)
+                         NFGENMSG.pack(socket.AF_UNSPEC, 0, 0), "nf_tables generation")
+        attrs = parse_attrs(reply, NFGENMSG.size)
         if NFTA_GEN_ID in attrs:
             return int(struct.unpack_from("!I", attrs[NFTA_GEN_ID])[0])
     return None
@@ -43,8 +43,8 @@ def tables() -> set[tuple[str, str]] | None:
     when nf_tables cannot be read."""
     with contextlib.suppress(OSError, ValueError, struct.error), Socket(NETLINK_NETFILTER, timeout=5.0) as sock:
         out: set[tuple[str, str]] = set()
-        for msg in sock.dump((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0)):
-            attrs = parse_attrs(msg, _NFGENMSG.size)
+        for msg in sock.dump((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE, NFGENMSG.pack(socket.AF_UNSPEC, 0, 0)):
+            attrs = parse_attrs(msg, NFGENMSG.size)
             if NFTA_TABLE_NAME in attrs:
                 out.add((FAMILIES.get(msg[0], str(msg[0])), cstr(attrs[NFTA_TABLE_NAME])))
         return out

@@ -14,14 +14,12 @@ bytes).
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.kernel.netlink import KeptSocket, NetlinkError, Request, nla, nla_nested, nla_str
+from agent.kernel.nfgen import NETLINK_NETFILTER, NFGENMSG, NFNL_SUBSYS_NFTABLES
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
@@ -38,9 +36,9 @@ NFPROTO = {4: socket.AF_INET, 6: socket.AF_INET6}  # NFPROTO_IPV4/IPV6 equal AF_
 MAX_BATCH_BYTES = 128 * 1024  # one send(): below the socket's default send buffer (208 KiB)
 MAX_PER_MESSAGE = 256  # elements per message: its element list is one attribute, at most 64 KiB
 
-_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian)
-_BEGIN = Request(NFNL_MSG_BATCH_BEGIN, _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES)), "begin")
-_END = Request(NFNL_MSG_BATCH_END, _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES)), "end")
+_BATCH = NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))  # res_id: the subsystem
+_BEGIN = Request(NFNL_MSG_BATCH_BEGIN, _BATCH, "begin")
+_END = Request(NFNL_MSG_BATCH_END, _BATCH, "end")
 _SOCKET = KeptSocket(NETLINK_NETFILTER, timeout=10.0)  # a write at every endpoint change: kept open
 
 
@@ -67,7 +65,7 @@ def _request(w: ElementWrite) -> Request:
         if data is not None:
             attrs.append(nla_nested(NFTA_SET_ELEM_DATA, [nla(NFTA_DATA_VALUE, data)]))
         items.append(nla_nested(NFTA_LIST_ELEM, attrs))
-    payload = (_NFGENMSG.pack(NFPROTO[w.family], 0, 0) + nla_str(NFTA_SET_ELEM_LIST_TABLE, w.table)
+    payload = (NFGENMSG.pack(NFPROTO[w.family], 0, 0) + nla_str(NFTA_SET_ELEM_LIST_TABLE, w.table)
                + nla_str(NFTA_SET_ELEM_LIST_SET, w.set) + nla_nested(NFTA_SET_ELEM_LIST_ELEMENTS, items))
     verb = "add" if w.add else "delete"
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if w.add else NFT_MSG_DELSETELEM)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
-from agent.files import FileError, json_objects, parse
+from agent.files import FileError, json_objects, parse, read
 from agent.model.records import KIND_TYPES, DecodeError, Record, from_builtins, from_json
 from agent.model.serviceport import NamespacedName, Problem
 from agent.sources.base import Sink, key_of
@@ -40,33 +41,28 @@ def _items(docs: Iterable[object]) -> Iterator[object]:
             yield doc
 
 
+def _kind(doc: object) -> str:
+    return str(doc.get("kind", "")) if isinstance(doc, dict) else ""
+
+
 def load_file(f: Path) -> tuple[Records, list[Problem]]:
     """The records of one file and the objects in it that could not be decoded; FileError when the
     file itself cannot be read or parsed."""
     out: Records = {k: {} for k in KIND_TYPES}
     problems: list[Problem] = []
-    try:
-        data = f.read_bytes()
-    except OSError as exc:
-        raise FileError(f"{f}: cannot read: {exc.strerror or exc}") from None
+    data = read(f, str(f))
     objects = json_objects(data, str(f), json_only=f.suffix == ".json")
+    decoders: Iterable[tuple[str, Callable[[], Record]]]
     if objects is not None:  # JSON: each object decoded from its own bytes straight into its record
-        for kind, raw in objects:
-            if kind not in KIND_TYPES:
-                continue
-            try:
-                rec = from_json(kind, raw)
-            except DecodeError as exc:
-                problems.append(Problem(kind, str(f), "decode_error", str(exc)))
-                continue
-            out[kind][key_of(rec)] = rec
-        return out, problems
-    for doc in _items(parse(data, str(f))):
-        kind = doc.get("kind", "") if isinstance(doc, dict) else ""
+        decoders = ((kind, partial(from_json, kind, raw)) for kind, raw in objects)
+    else:
+        decoders = ((kind, partial(from_builtins, kind, doc))
+                    for doc in _items(parse(data, str(f))) for kind in (_kind(doc),))
+    for kind, decode in decoders:
         if kind not in KIND_TYPES:
             continue  # other kinds (Pods, Deployments ...) may share the file
         try:
-            rec = from_builtins(kind, doc)
+            rec = decode()
         except DecodeError as exc:
             problems.append(Problem(kind, str(f), "decode_error", str(exc)))
             continue

@@ -1006,15 +1006,22 @@ def test_drift_in_a_shared_chain_rewrites_it_on_the_next_sync() -> None:
     assert ":KPA-SERVICES - [0:0]" in node.sync().text
 
 
-def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written() -> None:
-    """Same rule count, different rules: found from the second check on (the first check records
-    how the kernel prints each chain written since the previous one)."""
+def checked_services() -> tuple[Node, dict[tuple[str, str], int], dict[tuple[str, str], int],
+                                dict[tuple[str, str], int]]:
+    """Two services written in full: (node, rule counts and chain digests as a check would read
+    them, the same digests with web's service chain edited in place)."""
     node = two_services()
     node.renderer.in_sync = True
     counts = kernel_counts(node)
     digests = {key: hash(key) for key in counts}
     svc = ("nat", C.service_chain("SVC", "ns/web:http", "TCP"))
-    edited = {**digests, svc: digests[svc] + 1}
+    return node, counts, digests, {**digests, svc: digests[svc] + 1}
+
+
+def test_drift_finds_a_rule_edited_in_place_once_its_chain_was_seen_as_written() -> None:
+    """Same rule count, different rules: found from the second check on (the first check records
+    how the kernel prints each chain written since the previous one)."""
+    node, counts, digests, edited = checked_services()
     assert node.renderer.drift(counts, digests) == set()  # the first check: nothing to compare with yet
     assert node.renderer.drift(counts, digests) == set()
     assert node.renderer.drift(counts, edited) == {WEB}
@@ -1028,12 +1035,7 @@ def test_ports_written_before_a_foreign_commit_are_not_digested_but_left_to_rewr
     """A check after someone else committed (digest_unchecked=False) does not take a port written
     since the last check as the kernel shows it (it may have been edited already): the port stays
     unchecked, for the writer to rewrite; a later check with nobody in between records it."""
-    node = two_services()
-    node.renderer.in_sync = True
-    counts = kernel_counts(node)
-    digests = {key: hash(key) for key in counts}
-    svc = ("nat", C.service_chain("SVC", "ns/web:http", "TCP"))
-    edited = {**digests, svc: digests[svc] + 1}
+    node, counts, digests, edited = checked_services()
     assert node.renderer.unchecked >= {WEB} and node.renderer.as_written
     assert node.renderer.drift(counts, edited, digest_unchecked=False) == set()
     assert WEB in node.renderer.unchecked
@@ -1044,10 +1046,7 @@ def test_ports_written_before_a_foreign_commit_are_not_digested_but_left_to_rewr
 def test_a_port_rewritten_by_a_check_takes_its_digest_at_the_next_one_whoever_committed() -> None:
     """On a node where someone else commits between most checks, a port rewritten because of that
     is not rewritten again at every later check: the next read-back records it."""
-    node = two_services()
-    node.renderer.in_sync = True
-    counts = kernel_counts(node)
-    digests = {key: hash(key) for key in counts}
+    node, counts, digests, _ = checked_services()
     assert node.renderer.drift(counts, digests, digest_unchecked=False) == set()
     reassert = node.renderer.unchecked
     node.renderer.render(node.desired, reassert, full=False)

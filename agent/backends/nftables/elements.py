@@ -4,6 +4,7 @@ address) and the hairpin set (address . address)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 from collections.abc import Iterable
@@ -27,15 +28,6 @@ def _encode(family: int, mapname: str, key: str, value: str) -> tuple[bytes, byt
 
 def element_writes(family: int, changes: Iterable[ElementChange]) -> list[ElementWrite]:
     """One write per run of changes to the same map with the same verb, in the changes' order."""
-    out: list[ElementWrite] = []
-    run: list[tuple[bytes, bytes | None]] = []
-    head: tuple[bool, str] | None = None
-    for add, mapname, key, value in changes:
-        if head != (add, mapname):
-            if head is not None:
-                out.append(ElementWrite(head[0], family, N.TABLE, head[1], tuple(run)))
-            head, run = (add, mapname), []
-        run.append(_encode(family, mapname, key, value if add else ""))
-    if head is not None:
-        out.append(ElementWrite(head[0], family, N.TABLE, head[1], tuple(run)))
-    return out
+    return [ElementWrite(add, family, N.TABLE, mapname,
+                         tuple(_encode(family, mapname, key, value if add else "") for _, _, key, value in run))
+            for (add, mapname), run in itertools.groupby(changes, key=lambda c: (c[0], c[1]))]
