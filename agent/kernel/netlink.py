@@ -172,6 +172,7 @@ class Socket:
     BATCH_BYTES = 48 * 1024
     BATCH_REQUESTS = 256
     RCVBUF = 4 << 20
+    RECV_BYTES = 1 << 20
 
     def __init__(self, protocol: int, timeout: float | None = None) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
@@ -184,6 +185,9 @@ class Socket:
             self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self._sock.bind((0, 0))
         self._seq = 0
+        # received into, then copied out at the datagram's size: recv(1 MiB) allocated and freed
+        # 1 MiB per datagram, and a dump of 100k small replies spent seconds in the kernel on it
+        self._buf = bytearray(self.RECV_BYTES)
 
     def close(self) -> None:
         self._sock.close()
@@ -200,8 +204,8 @@ class Socket:
 
     def _messages(self) -> Iterator[tuple[int, int, int, memoryview]]:
         """(type, flags, seq, payload) of every message in one recv()."""
-        data = self._sock.recv(1 << 20)
-        view = memoryview(data)
+        n = self._sock.recv_into(self._buf)
+        view = memoryview(bytes(memoryview(self._buf)[:n]))
         pos = 0
         while pos + _HDR.size <= len(view):
             length, kind, flags, seq, _ = _HDR.unpack_from(view, pos)
@@ -298,21 +302,26 @@ class Socket:
 
     def dump(self, kind: int, payload: bytes) -> list[memoryview]:
         """Every message a dump request returns (their payloads, after the netlink header)."""
+        return list(self.stream(kind, payload))
+
+    def stream(self, kind: int, payload: bytes) -> Iterator[memoryview]:
+        """The messages of a dump one by one, as they arrive (a consumer that keeps only a digest
+        holds one datagram at a time); NetlinkError when the kernel refuses the dump. Consume it
+        to the end: the socket serves nothing else until then."""
         seq = self._next()
         self._sock.send(message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, payload))
-        out: list[memoryview] = []
         while True:
             for mtype, _, mseq, body in self._messages():
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_DONE:
-                    return out
+                    return
                 if mtype == NLMSG_ERROR:
                     code = -int(struct.unpack_from("=i", body)[0])
                     if code:
                         raise NetlinkError(code, "dump")
-                    return out
-                out.append(body)
+                    return
+                yield body
 
 
 class KeptSocket:

@@ -326,6 +326,12 @@ class IptablesRenderer:
         self._unwritten.clear()
         self.in_sync = False
 
+    def forget_digests(self) -> None:
+        """The digests came from another reader and do not compare: every port takes its digest
+        anew at the next read-back."""
+        self._unchecked.update(self._digests)
+        self._digests.clear()
+
     @property
     def as_written(self) -> bool:
         """In sync, and no refused restore left ports unwritten: the kernel holds what this

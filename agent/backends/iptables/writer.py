@@ -22,6 +22,7 @@ from agent.kernel.xtables import (
     detect_variant,
     missing_hooks,
     parse_save,
+    read_nft,
     restore,
     with_hooks,
 )
@@ -48,6 +49,7 @@ class IptablesBackend:
         self.metrics = IptablesMetrics(registry)
         self.conntrack = conntrack.Cleaner()
         self.untouched = nfgen.Untouched()  # the nft variant writes through nf_tables
+        self._netlink_reads = True  # the nft variant reads its chains back over netlink (nftrules)
 
     @property
     def tools(self) -> Tools:
@@ -82,6 +84,19 @@ class IptablesBackend:
         self.conntrack.idle(timeout)
 
     def _saved(self, family: int) -> SavedTables:
+        """Our chains as the kernel holds them. The nft variant reads them over netlink (no
+        iptables-nft-save child holding the whole table: 250 MB at 10k Services); when that fails,
+        iptables-save from then on."""
+        if self.tools.variant == "nft" and self._netlink_reads:
+            builtins = [(table, builtin) for table, builtin, _, _ in C.HOOKS]
+            saved = read_nft(self.tools, family, C.PREFIX, C.TABLES, builtins)
+            if saved is not None:
+                return saved
+            self._netlink_reads = False
+            log.warning("cannot read nf_tables over netlink; reading rules back with %s from now on",
+                        self.tools.binary(family, "save"))
+            for renderer in self._renderers.values():
+                renderer.forget_digests()
         return parse_save(run([self.tools.binary(family, "save")], timeout=120), C.PREFIX)
 
     def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
