@@ -1098,8 +1098,8 @@ def test_a_refused_batch_costs_that_batch_not_a_full_rewrite() -> None:
     node.renderer.refused(refused)
     counts = {key: len(rules) for key, rules in base_rules(node.desired.node).items()}
     counts |= node.renderer._dispatch_count
-    counts |= {(t, c): len(rules) for spn in node.desired.services
-               for t, cs in node.renderer._rules[spn].chains.items() for c, rules in cs}
+    counts |= {(t, c): n for spn in node.desired.services
+               for t, cs in node.renderer._rules[spn].chains.items() for c, n in cs}
     assert node.renderer.drift(counts) == set(refused)
 
 

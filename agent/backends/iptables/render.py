@@ -41,8 +41,25 @@ class ServiceRules:
     dispatch: Mapping[tuple[str, str], tuple[str, ...]]
     endpoints: int = 0
 
+    def chain_names(self) -> set[tuple[str, str]]:
+        return {(t, name) for t, cs in self.chains.items() for name, _ in cs}
+
+    def kept(self) -> KeptRules:
+        return KeptRules({t: tuple((name, len(rules)) for name, rules in cs) for t, cs in self.chains.items()},
+                         self.dispatch)
+
+
+@dataclass(frozen=True, slots=True)
+class KeptRules:
+    """What the renderer keeps of a service port once rendered: its chains' names and rule counts
+    (their lines are written and not needed again: at 10k Services they held ~100 MB) and its
+    lines in the shared chains (rebuilt from every port's)."""
+
+    chains: Mapping[str, tuple[tuple[str, int], ...]]  # table -> ((chain, rule count), ...)
+    dispatch: Mapping[tuple[str, str], tuple[str, ...]]
+
     def rule_count(self, table: str) -> int:
-        return sum(len(rules) for _, rules in self.chains.get(table, ())) + sum(
+        return sum(n for _, n in self.chains.get(table, ())) + sum(
             len(v) for (t, _), v in self.dispatch.items() if t == table
         )
 
@@ -296,7 +313,7 @@ class IptablesRenderer:
     def __init__(self, localhost_nodeports: bool = False) -> None:
         # --iptables-localhost-nodeports (and route_localnet=1 set by the mode)
         self.localhost_nodeports = localhost_nodeports
-        self._rules: dict[ServicePortName, ServiceRules] = {}
+        self._rules: dict[ServicePortName, KeptRules] = {}
         self._dispatch_text: dict[tuple[str, str], str] = {}
         self._dispatch_count: dict[tuple[str, str], int] = {}
         self.shared_drifted: list[str] = []  # "table/chain" shared by all ports, changed (last drift())
@@ -393,7 +410,7 @@ class IptablesRenderer:
             self._dispatch_text.clear()
         drifted: set[ServicePortName] = set()
         for spn, r in self._rules.items():
-            if any(rule_counts.get((t, name)) != len(rules) for t, cs in r.chains.items() for name, rules in cs):
+            if any(rule_counts.get((t, name)) != n for t, cs in r.chains.items() for name, n in cs):
                 drifted.add(spn)
             elif digests is not None:
                 seen = hash(tuple(digests.get((t, name)) for t, cs in r.chains.items() for name, _ in cs))
@@ -427,6 +444,7 @@ class IptablesRenderer:
         self._unwritten.clear()
         deleted: set[tuple[str, str]] = set()  # deleted after the shared chains stop jumping there
         dropped: dict[ServicePortName, set[tuple[str, str]]] = {}  # deleted with their service's chains
+        fresh: dict[ServicePortName, ServiceRules] = {}  # the ports rendered now, with their lines
         for spn in to_write:
             old = self._rules.get(spn)
             plan = desired.services.get(spn)
@@ -445,7 +463,8 @@ class IptablesRenderer:
                 if mine:
                     dropped[spn] = mine
                 deleted |= unused - mine
-            self._rules[spn] = new
+            self._rules[spn] = new.kept()
+            fresh[spn] = new
         if full:
             for spn in set(self._rules) - set(desired.services):
                 deleted |= self._rules.pop(spn).chain_names()
@@ -522,7 +541,7 @@ class IptablesRenderer:
                     body.extend(rules)
                     per_table[table] = per_table.get(table, 0) + len(rules)
         for spn in sorted(to_write):
-            r = self._rules.get(spn)
+            r = fresh.get(spn)
             if r is None:
                 continue
             pending_ports.add(spn)
@@ -562,9 +581,9 @@ class IptablesRenderer:
             batch_ports.append(frozenset(pending_ports))
         n_rules = sum(per_table.values())
         totals = {t: sum(len(v) for (tt, c), v in base.items() if tt == t) for t in C.TABLES}
-        for r in self._rules.values():
+        for kept in self._rules.values():
             for t in C.TABLES:
-                totals[t] += r.rule_count(t)
+                totals[t] += kept.rule_count(t)
         return RenderResult(
             totals=totals,
             batches=batches,
