@@ -281,15 +281,9 @@ def _blocks(lines: dict[str, list[str]]) -> str:
 
 def _surely_absent(tools: Tools, family: int, prefix: str) -> bool:
     """True when chain names alone show no chain named `prefix`* in the nft variant (a jump needs
-    its chain, so nothing to remove): `nft list chains` reads names only, where iptables-nft-save
-    renders every rule (30 s and a GB at 10k Services in another mode's tables)."""
-    if tools.variant != "nft" or not have("nft"):
-        return False
-    try:
-        out = run(["nft", "-t", "list", "chains", "ip" if family == 4 else "ip6"], timeout=60)
-    except (CommandError, OSError):
-        return False
-    return f"chain {prefix}" not in out
+    its chain, so nothing to remove): names over netlink, where iptables-nft-save renders every
+    rule (30 s and a GB at 10k Services in another mode's tables)."""
+    return tools.variant == "nft" and nftrules.any_chain(family, prefix) is False
 
 
 def cleanup_chains(what: str, select: Callable[[str], SavedTables], families: tuple[int, ...] = (4, 6),

@@ -65,8 +65,8 @@ class IptablesBackend:
                 f"iptables mode needs {', '.join(missing)}: install the iptables package "
                 "(apt-get install iptables), or use --proxy-mode nftables"
             )
-        try:
-            run([self.tools.binary(4, "save"), "-t", "nat"], timeout=30)
+        try:  # one built-in chain: iptables-save -t nat ran a 250 MB child at 10k Services
+            run([self.tools.binary(4, ""), "-t", "nat", "-S", "POSTROUTING"], timeout=30)
         except CommandError as exc:
             raise UnsupportedMode(
                 f"iptables mode cannot read the nat table ({exc.stderr}); the kernel lacks "
