@@ -158,7 +158,7 @@ def cmd_render(cfg: AgentConfig, what: str) -> int:
     loop = _loop(cfg, backend, metrics, ProxyHealth(2 * cfg.sync_period), None, frontends=what == "frontends")
     src = FileSource(cfg.source, loop)
     src.check()
-    src.load_once()
+    src.load_once(keep=False)
     loop.refresh_node_addresses()
     loop.model.drain()
     if what == "desired":
@@ -256,7 +256,7 @@ def run_daemon(cfg: AgentConfig) -> int:
 
     if cfg.once:
         if cfg.source:
-            source.load_once()
+            source.load_once(keep=False)
         else:
             source.start()
             if not loop.ready.wait(120):
@@ -320,7 +320,7 @@ def cmd_explain(cfg: AgentConfig, name: str, output: str, probe: bool, all_steps
         loop = _loop(cfg, _backend(cfg, (4, 6)), Metrics(), ProxyHealth(2 * cfg.sync_period), None)
         src = FileSource(cfg.source, loop)
         src.check()
-        src.load_once()
+        src.load_once(keep=False)
         loop.refresh_node_addresses()
         loop.model.drain()
         data = explain_service(loop, NamespacedName(ns_name, svc), cfg.sync_period, kernel=False).as_dict()

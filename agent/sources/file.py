@@ -151,12 +151,17 @@ class FileSource:
         self._parsed, self._stamp = parsed, stamp
         return _merge(recs for _, recs in parsed.values())
 
-    def load_once(self) -> None:
+    def load_once(self, keep: bool = True) -> None:
+        """Apply every file's objects. `keep=False` for a one-shot load (--once, render, explain):
+        the records are not kept for a reload (at 10k Services they held 46 MB through the sync)."""
         records = self._read(strict=False)
-        for kind in KIND_TYPES:
-            self.sink.replace_all(kind, records[kind])
+        if not keep:
+            self._parsed = {}
+        counts = {kind: len(recs) for kind, recs in records.items()}
+        for kind in KIND_TYPES:  # each kind's records go once applied, unless kept
+            self.sink.replace_all(kind, records[kind] if keep else records.pop(kind))
         log.info("source loaded path=%s services=%d endpointslices=%d nodes=%d", self.path,
-                 len(records["Service"]), len(records["EndpointSlice"]), len(records["Node"]))
+                 counts["Service"], counts["EndpointSlice"], counts["Node"])
 
     def run(self) -> None:
         """Load, then re-load whenever the files change, until stop()."""

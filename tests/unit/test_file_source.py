@@ -186,6 +186,21 @@ def test_file_source_replaces_every_kind_and_reports_problems(tmp_path: Path) ->
     assert [p.reason for p in sink.problems] == ["unreadable"]
 
 
+def test_a_one_shot_load_keeps_no_records(tmp_path: Path) -> None:
+    """--once, render and explain load once: the records go once applied (the sink has them), a
+    watching source keeps them for its reloads."""
+    (tmp_path / "objects.yaml").write_text("---\n".join([SERVICE, SLICE]))
+    sink = RecordingSink()
+    once = FileSource(str(tmp_path), sink)
+    once.check()
+    once.load_once(keep=False)
+    assert sink.replaced["Service"] == ["shop/web"] and sink.replaced["EndpointSlice"] == ["shop/web-abc"]
+    assert once._parsed == {}
+    watching = FileSource(str(tmp_path), RecordingSink())
+    watching.load_once()
+    assert len(watching._parsed) == 1
+
+
 def test_file_source_check_names_a_missing_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--source"):
         FileSource(str(tmp_path / "nope"), RecordingSink()).check()
