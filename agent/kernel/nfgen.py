@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from collections.abc import Callable, Hashable
 
 from agent.kernel.netlink import KeptSocket, Socket, cstr, parse_attrs
 
@@ -58,31 +59,36 @@ class Untouched:
     failed one: `forget()`); `holds()` at a periodic check: True when nobody else has committed
     since (the generation is the one read after our last write, and was so before each later
     write), so the check may skip reading the ruleset back. Every `verify_every`-th check verifies
-    anyway, which bounds the one blind spot: a foreign commit during our write."""
+    anyway, which bounds the one blind spot: a foreign commit during our write. `probe` replaces
+    the generation with another reading of the kernel's state (legacy iptables: xtinfo.state)."""
 
-    def __init__(self, verify_every: int = 10) -> None:
+    def __init__(self, verify_every: int = 10, probe: Callable[[], Hashable | None] | None = None) -> None:
         self.verify_every = verify_every
-        self._gen: int | None = None
+        self._probe = probe
+        self._gen: Hashable | None = None
         self._skipped = 0
         # at the last holds(): someone committed since our last write (not just a verifying check)
         self.moved = False
         self._foreign = False  # a commit by someone else seen just before one of our writes
 
+    def _read(self) -> Hashable | None:
+        return self._probe() if self._probe is not None else generation()
+
     def before_write(self) -> None:
         """Just before our own write: a commit by someone else since our last write would be taken
         in by the generation read after this one; remember it for the next check."""
-        if self._gen is not None and not self._foreign and generation() != self._gen:
+        if self._gen is not None and not self._foreign and self._read() != self._gen:
             self._foreign = True
 
     def wrote(self) -> None:
-        self._gen = generation()
+        self._gen = self._read()
 
     def forget(self) -> None:
         self._gen = None
         self._foreign = False
 
     def holds(self) -> bool:
-        now = generation()
+        now = self._read()
         self.moved = self._foreign or (self._gen is not None and now != self._gen)
         if self._gen is None or self._skipped + 1 >= self.verify_every or self.moved:
             # the check reads the ruleset back now: what others committed so far is seen by it

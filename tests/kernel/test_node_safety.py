@@ -351,6 +351,29 @@ def test_periodic_check_reads_nothing_back_while_nf_tables_is_untouched(mode: st
         n.lab.exec(n.node, "nft", "delete table ip someone-else")
 
 
+def test_legacy_periodic_check_reads_back_only_when_a_table_changed(mode: str) -> None:
+    """Legacy iptables has no generation counter: a periodic check skips the read-back while no
+    table changed its entry count or size since our last write (xtinfo), and a foreign rule added
+    to a legacy table makes the next check read back for real; traffic still flows."""
+    if mode != "iptables" or in_uml():
+        return
+    with fresh_node(mode, ["--sync-period", "1s"], start=False) as n:
+        n.lab.exec(n.node, "iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT")
+        n.start()
+        ips = n.cluster_ip()
+        n.apply("quiet", [service("quiet", ips[0], HTTP), slice_("quiet-1", "quiet", [endpoint("pod-a")], EP_HTTP)])
+        assert "variant=legacy" in n.log.read_text()
+
+        def syncs_since(mark: int, what: str) -> int:
+            return sum(what in ln for ln in n.log.read_text().splitlines()[mark:] if "sync done" in ln)
+        mark = len(n.log.read_text().splitlines())
+        assert wait_for(lambda: syncs_since(mark, "unchanged'") >= 3, 15), n.log_tail()
+        mark = len(n.log.read_text().splitlines())
+        n.lab.exec(n.node, "iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2223", "-j", "ACCEPT")
+        assert wait_for(lambda: syncs_since(mark, "checked(") >= 1, 10), n.log_tail()
+        assert n.probe(ips[0], 80, src="pod-b").startswith("pod-a")
+
+
 def test_health_check_node_port_answers_through_a_host_firewall(mode: str) -> None:
     """Issue 14 item 3: a node whose INPUT policy drops unknown ports (loopback and established
     traffic allowed, as host firewalls do) still answers the load balancer's health checks, as with kube-proxy,

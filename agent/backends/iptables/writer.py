@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import ClassVar
 
 from prometheus_client import CollectorRegistry
@@ -12,7 +13,7 @@ from agent.backends.base import Programmed, SyncError, SyncResult, UnsupportedMo
 from agent.backends.iptables import chains as C
 from agent.backends.iptables.metrics import IptablesMetrics
 from agent.backends.iptables.render import DISPATCH, IptablesRenderer, RenderResult, localhost_nodeports, render_service
-from agent.kernel import conntrack, nfgen, sysctl
+from agent.kernel import conntrack, nfgen, sysctl, xtinfo
 from agent.kernel.commands import CommandError, have, run
 from agent.kernel.xtables import (
     RestoreFailed,
@@ -48,7 +49,7 @@ class IptablesBackend:
         self._route_localnet = False  # set to 1 by this run
         self.metrics = IptablesMetrics(registry)
         self.conntrack = conntrack.Cleaner()
-        self.untouched = nfgen.Untouched()  # the nft variant writes through nf_tables
+        self._untouched: nfgen.Untouched | None = None
         self._netlink_reads = True  # the nft variant reads its chains back over netlink (nftrules)
 
     @property
@@ -57,6 +58,16 @@ class IptablesBackend:
             self._tools, why = detect_variant()
             log.info("iptables variant chosen variant=%s reason=%r", self._tools.variant or "plain", why)
         return self._tools
+
+    @property
+    def untouched(self) -> nfgen.Untouched:
+        """Whether anyone changed the tables since our last write: the nf_tables generation for
+        the nft variant; the tables' sizes for legacy (weaker: a same-size edit goes unseen until
+        a verifying check, see xtinfo)."""
+        if self._untouched is None:
+            probe = partial(xtinfo.state, self.families, C.TABLES) if self.tools.variant == "legacy" else None
+            self._untouched = nfgen.Untouched(probe=probe)
+        return self._untouched
 
     def check_supported(self) -> None:
         missing = [b for b in (self.tools.binary(4, "restore"), self.tools.binary(4, "save")) if not have(b)]
@@ -102,13 +113,13 @@ class IptablesBackend:
     def sync(self, desired: Mapping[int, DesiredState], changes: Mapping[int, Changes], *, full: bool) -> SyncResult:
         result = SyncResult()
         # A periodic check while nobody has committed to nf_tables since our last restore (the nft
-        # variant's ruleset generation is unchanged) has no drift to find: no iptables-save, only
-        # the pending changes. Legacy iptables has no such counter: it always checks. Ports written
-        # since the last check that read back wait for one (every `verify_every`-th check reads
-        # back anyway) to record their chains' digests; when someone else has committed since,
-        # those ports are rewritten instead, as their chains may not be what was written.
+        # variant's ruleset generation is unchanged; on legacy, no table changed size) has no drift
+        # to find: no read-back, only the pending changes. Ports written since the last check
+        # that read back wait for one (every `verify_every`-th check reads back anyway) to record
+        # their chains' digests; when someone else has committed since, those ports are rewritten
+        # instead, as their chains may not be what was written.
         digest_unchecked = True
-        if full and self.tools.variant != "legacy" and all(r.as_written for r in self._renderers.values()):
+        if full and all(r.as_written for r in self._renderers.values()):
             if self.untouched.holds():
                 full = False
                 result.detail = "unchanged"
@@ -187,11 +198,9 @@ class IptablesBackend:
     def _restore(self, fam: int, text: str, renderer: IptablesRenderer, partial: bool,
                  unwritten: frozenset[ServicePortName]) -> None:
         try:
-            if self.tools.variant != "legacy":
-                self.untouched.before_write()
+            self.untouched.before_write()
             restore(self.tools, fam, text)
-            if self.tools.variant != "legacy":
-                self.untouched.wrote()  # after each write, and only then: a foreign commit since stays visible
+            self.untouched.wrote()  # after each write, and only then: a foreign commit since stays visible
         except RestoreFailed as exc:
             # Earlier restores of this sync went in. When the kernel held what was written before,
             # the next sync rewrites only this restore's service ports and later ones (and checks
