@@ -16,10 +16,14 @@ class CommandError(RuntimeError):
 
 
 def run(argv: Sequence[str], stdin: str | None = None, check: bool = True, timeout: float = 120) -> str:
-    """Run a command, return its stdout; raise CommandError (with stderr) when it fails."""
-    proc = subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    """Run a command, return its stdout; raise CommandError (with stderr) when it fails or does not
+    finish within `timeout` seconds (killed; exit code -1)."""
+    try:
+        proc = subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise CommandError(argv, -1, f"did not finish within {timeout:g} s; killed") from None
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr)
     return proc.stdout

@@ -74,7 +74,7 @@ def _writable(tools: Tools) -> bool:
 
 @dataclass(slots=True)
 class SavedTables:
-    """Our chains and the jump rules into them, from one iptables-save."""
+    """Our chains and the jump rules into them, from one iptables-save or read over netlink (read_nft)."""
 
     chains: dict[str, set[str]] = field(default_factory=dict)
     hooks: dict[str, list[str]] = field(default_factory=dict)  # table -> "-A CHAIN ... -j KPA-..." lines
@@ -125,7 +125,8 @@ def read_nft(tools: Tools, family: int, prefix: str, tables: Iterable[str],
     """What parse_save() finds in iptables-nft-save's output, without that child (about 250 MB at
     10k Services): our chains, rule counts and digests over netlink (nftrules; its digests compare
     only with its own), and the jumps into them from `builtins` ((table, built-in chain)) from
-    `iptables-nft -S` of those chains alone. None when nf_tables cannot be read that way."""
+    `iptables-nft -S` of those chains alone. None when nf_tables or a built-in chain cannot be read
+    that way."""
     out = SavedTables()
     held = nftrules.chain_digests(family, tables, prefix)
     if held is None:
@@ -137,10 +138,10 @@ def read_nft(tools: Tools, family: int, prefix: str, tables: Iterable[str],
             out.rules[(table, name)] = count
             out.digests[(table, name)] = digest
     for table, builtin in sorted(set(builtins)):
-        try:
+        try:  # a table or built-in chain not there yet lists as its policy alone (exit 0)
             text = run([tools.binary(family, ""), "-t", table, "-S", builtin], timeout=30)
-        except (CommandError, OSError):  # the table or chain does not exist (yet): no jumps
-            continue
+        except (CommandError, OSError):  # unreadable is not "no jumps": that would add them again
+            return None
         out.hooks.setdefault(table, []).extend(
             ln for ln in text.splitlines() if ln.startswith("-A ") and f"-j {prefix}" in ln)
     return out

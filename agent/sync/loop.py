@@ -198,11 +198,11 @@ class SyncLoop:
         changes = {f: update.changes(f, tuple(s for s in self._stale_flows if s.family == f)) for f in FAMILIES}
         try:
             result = self.backend.sync(self.model.desired, changes, full=full)
-        except SyncError as exc:
+        except Exception as exc:  # a mode's bug must not end the sync thread: counted as a failed sync
             self._need_full = True
             self.failures += 1
             log.error("sync failed mode=%s full=%s error=%r; previous rules stay, next sync is full",
-                      self.backend.name, full, str(exc))
+                      self.backend.name, full, str(exc), exc_info=not isinstance(exc, SyncError))
             if not self._failing:  # one Warning per failure streak, not one per retry
                 self.on_event("Warning", "SyncFailed", "SyncProxyRules",
                               f"{self.backend.name} rules not written: {exc}; previous rules stay, retrying")

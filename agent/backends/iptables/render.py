@@ -347,6 +347,7 @@ class IptablesRenderer:
         """The digests came from another reader and do not compare: every port takes its digest
         anew at the next read-back."""
         self._unchecked.update(self._digests)
+        self._reasserted.update(self._digests)  # taken as read whoever committed since: not rewritten
         self._digests.clear()
 
     @property
@@ -372,7 +373,7 @@ class IptablesRenderer:
         """A restore of a sync was refused after the earlier ones of that sync went in. When the
         kernel held what was written before this sync, only `ports` (those of the refused restore
         and later ones) and the shared chains are in doubt: the next sync rewrites just those, and
-        its check against iptables-save finds anything else. Otherwise: reset()."""
+        its check against what the kernel holds finds anything else. Otherwise: reset()."""
         if not self.in_sync:
             self.reset()
             return
@@ -390,7 +391,7 @@ class IptablesRenderer:
               digests: Mapping[tuple[str, str], int] | None = None,
               digest_unchecked: bool = True) -> set[ServicePortName] | None:
         """Compare what was written with what the kernel holds (rules per chain of ours, from
-        iptables-save; a missing chain counts as different; a service chain whose rules changed
+        the read-back; a missing chain counts as different; a service chain whose rules changed
         since the last check, count unchanged, too). Returns the service ports whose chains differ
         (a shared chain that differs is rewritten with them), or None when a base chain differs or
         nothing was written yet: then only a full rewrite will do. Ports written since the last

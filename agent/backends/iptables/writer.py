@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import ClassVar
 
 from prometheus_client import CollectorRegistry
@@ -65,12 +65,13 @@ class IptablesBackend:
         the nft variant; the tables' sizes for legacy (weaker: a same-size edit goes unseen until
         a verifying check, see xtinfo)."""
         if self._untouched is None:
-            probe = partial(xtinfo.state, self.families, C.TABLES) if self.tools.variant == "legacy" else None
+            probe = functools.partial(xtinfo.state, self.families, C.TABLES) if self.tools.variant == "legacy" else None
             self._untouched = nfgen.Untouched(probe=probe)
         return self._untouched
 
     def check_supported(self) -> None:
-        missing = [b for b in (self.tools.binary(4, "restore"), self.tools.binary(4, "save")) if not have(b)]
+        missing = [b for b in (self.tools.binary(4, "restore"), self.tools.binary(4, "save"), self.tools.binary(4, ""))
+                   if not have(b)]
         if missing:
             raise UnsupportedMode(
                 f"iptables mode needs {', '.join(missing)}: install the iptables package "
@@ -85,7 +86,7 @@ class IptablesBackend:
             ) from exc
 
     def start(self) -> None:
-        """Nothing to load: the first sync is full, reads what a previous run left (iptables-save)
+        """Nothing to load: the first sync is full, reads what a previous run left (_saved)
         and rewrites it in place, atomically per table, deleting only leftover KPA- chains."""
         log.info("iptables mode starting variant=%s; the first sync adopts existing KPA- chains",
                  self.tools.variant or "plain")
@@ -204,7 +205,7 @@ class IptablesBackend:
         except RestoreFailed as exc:
             # Earlier restores of this sync went in. When the kernel held what was written before,
             # the next sync rewrites only this restore's service ports and later ones (and checks
-            # the rest against iptables-save), not everything; otherwise it starts over.
+            # the rest against what it reads back), not everything; otherwise it starts over.
             self.untouched.forget()
             log.warning("restore refused; the next sync rewrites what it held family=IPv%d "
                         "service_ports=%d complete_rewrite=%s", fam, len(unwritten), not renderer.in_sync)
