@@ -24,7 +24,7 @@ import urllib3
 from kubernetes import client, config
 
 from agent.files import FileError, documents
-from agent.model.records import DecodeError, Record, from_json
+from agent.model.records import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, DecodeError, Record, from_json
 from agent.model.serviceport import NamespacedName, Problem
 from agent.sources.base import Sink, key_of
 
@@ -36,9 +36,23 @@ class Resource:
     kind: str
     path: str  # collection path
     field_selector: str = ""
+    label_selector: str = ""
     # optional: an API server that does not serve it (404) or does not let us read it (403) counts
     # as an empty list (logged once), so the agent still starts; retried every OPTIONAL_RETRY s
     optional: bool = False
+
+    def selectors(self) -> dict[str, str]:
+        """The list/watch query parameters that narrow what the API server sends."""
+        q: dict[str, str] = {}
+        if self.field_selector:
+            q["fieldSelector"] = self.field_selector
+        if self.label_selector:
+            q["labelSelector"] = self.label_selector
+        return q
+
+
+# kube-proxy's selector: the slices of headless Services and of Services handed to another proxy
+ENDPOINTSLICE_SELECTOR = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 
 
 class _ListMeta(msgspec.Struct, rename="camel", frozen=True):
@@ -133,7 +147,12 @@ class KubeSource:
         self.sink = sink
         self.resources = [
             Resource("Service", "/api/v1/services"),
-            Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices"),
+            # Like kube-proxy, the slices of Services no proxy of ours programs (headless ones, those
+            # labelled for another proxy: the EndpointSlice controller copies both labels onto
+            # their slices) are filtered by the API server and never sent; a slice whose label goes
+            # arrives as ADDED. Services themselves all come, so `explain` can say why one is skipped.
+            Resource("EndpointSlice", "/apis/discovery.k8s.io/v1/endpointslices",
+                     label_selector=ENDPOINTSLICE_SELECTOR),
             Resource("Node", "/api/v1/nodes", f"metadata.name={node_name}"),
             Resource("ServiceCIDR", "/apis/networking.k8s.io/v1/servicecidrs", optional=True),
         ]
@@ -184,8 +203,7 @@ class KubeSource:
             q = {"limit": str(self.PAGE)}
             if cont:
                 q["continue"] = cont
-            if res.field_selector:
-                q["fieldSelector"] = res.field_selector
+            q.update(res.selectors())
             resp = self._get(res.path, q, stream=False, read_timeout=60)
             page = msgspec.json.decode(resp.data, type=_List)
             for raw in page.items:
@@ -199,8 +217,7 @@ class KubeSource:
     def _events(self, res: Resource, rv: str) -> Iterator[tuple[str, bytes]]:
         q = {"watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true",
              "timeoutSeconds": str(self.WATCH_SECONDS)}
-        if res.field_selector:
-            q["fieldSelector"] = res.field_selector
+        q.update(res.selectors())
         resp = self._get(res.path, q, stream=True, read_timeout=self.WATCH_SECONDS + 30)
         self._recovered(res.kind)  # the watch resumed: the API answers this kind again
         with self._lock:
