@@ -119,38 +119,38 @@ def test_cluster_ip_with_two_endpoints() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
-        :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-SERVICES - [0:0]
         :KPA-NODEPORTS - [0:0]
+        :KPA-POSTROUTING - [0:0]
+        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
+        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
+        :KPA-SERVICES - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
         -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
-        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -167,38 +167,38 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
+        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
         -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
-        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -212,11 +212,11 @@ def test_service_without_endpoints_is_rejected() -> None:
     text = full_text(service("web", "10.96.0.10", HTTP), endpoint_slice("web-1", "web", []))
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http has no endpoints" -j REJECT
@@ -224,9 +224,9 @@ def test_service_without_endpoints_is_rejected() -> None:
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
@@ -252,47 +252,47 @@ def test_external_traffic_policy_local_with_local_and_remote_endpoints() -> None
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
+        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
+        :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SVL-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.244.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-MARK-MASQ
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVL-5SSZ2E7KIPKI2VRR
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
+        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
         -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
         -A KPA-SVL-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
         -A KPA-SVL-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.244.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-MARK-MASQ
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVL-5SSZ2E7KIPKI2VRR
-        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
-        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -311,40 +311,40 @@ def test_external_traffic_policy_local_with_only_remote_endpoints() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
+        -A KPA-EXTERNAL-SERVICES -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http has no local endpoints" -j DROP
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
-        -A KPA-EXTERNAL-SERVICES -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http has no local endpoints" -j DROP
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.244.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-MARK-MASQ
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
+        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
         -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.244.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-MARK-MASQ
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
-        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -361,22 +361,22 @@ def test_internal_traffic_policy_local() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SVL-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVL-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
@@ -385,10 +385,10 @@ def test_internal_traffic_policy_local() -> None:
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
         -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SVL-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVL-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVL-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
+        -A KPA-SVL-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVL-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -422,40 +422,40 @@ def test_session_affinity_client_ip() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
-        :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-SERVICES - [0:0]
         :KPA-NODEPORTS - [0:0]
+        :KPA-POSTROUTING - [0:0]
+        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
+        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
+        :KPA-SERVICES - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -m recent --name KPA-SEP-PFO2MPPOACGHSRKR --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
         -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -m recent --name KPA-SEP-JCWLNDCAE5RWD7YY --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -m recent --name KPA-SEP-PFO2MPPOACGHSRKR --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
+        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -m recent --name KPA-SEP-PFO2MPPOACGHSRKR --mask 255.255.255.255 --rsource --rcheck --seconds 600 --reap -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -m recent --name KPA-SEP-JCWLNDCAE5RWD7YY --mask 255.255.255.255 --rsource --rcheck --seconds 600 --reap -j KPA-SEP-JCWLNDCAE5RWD7YY
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
-        -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
-        -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -475,47 +475,47 @@ def test_load_balancer_with_source_ranges() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
+        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
         -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http load balancer IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
-        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         COMMIT
         *mangle
-        :KPA-FW-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-FIREWALL - [0:0]
+        :KPA-FW-5SSZ2E7KIPKI2VRR - [0:0]
+        -A KPA-FIREWALL -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -j KPA-FW-5SSZ2E7KIPKI2VRR
         -A KPA-FW-5SSZ2E7KIPKI2VRR -s 192.0.2.0/24 -j RETURN
         -A KPA-FW-5SSZ2E7KIPKI2VRR -s 198.51.100.0/24 -j RETURN
         -A KPA-FW-5SSZ2E7KIPKI2VRR -m comment --comment "ns/web:http source not in loadBalancerSourceRanges" -j DROP
-        -A KPA-FIREWALL -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -j KPA-FW-5SSZ2E7KIPKI2VRR
         COMMIT
         """)  # noqa: E501
 
@@ -531,42 +531,42 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-I5ENVGB5QU4V4CY3 - [0:0]
         :KPA-SEP-236QWUJSK7CTVGTR - [0:0]
         :KPA-SEP-36BYHKJU7JLBMTB6 - [0:0]
-        :KPA-SVC-AHMVK2QKEUIM3L6V - [0:0]
+        :KPA-SEP-I5ENVGB5QU4V4CY3 - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVC-AHMVK2QKEUIM3L6V - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s fd00:244::/48 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-I5ENVGB5QU4V4CY3 -s fd00:244::5/128 -j KPA-MARK-MASQ
-        -A KPA-SEP-I5ENVGB5QU4V4CY3 -p udp -m udp -j DNAT --to-destination [fd00:244::5]:5353
         -A KPA-SEP-236QWUJSK7CTVGTR -s fd00:244::6/128 -j KPA-MARK-MASQ
         -A KPA-SEP-236QWUJSK7CTVGTR -p udp -m udp -j DNAT --to-destination [fd00:244::6]:5353
         -A KPA-SEP-36BYHKJU7JLBMTB6 -s fd00:244::7/128 -j KPA-MARK-MASQ
         -A KPA-SEP-36BYHKJU7JLBMTB6 -p udp -m udp -j DNAT --to-destination [fd00:244::7]:5353
+        -A KPA-SEP-I5ENVGB5QU4V4CY3 -s fd00:244::5/128 -j KPA-MARK-MASQ
+        -A KPA-SEP-I5ENVGB5QU4V4CY3 -p udp -m udp -j DNAT --to-destination [fd00:244::5]:5353
+        -A KPA-SERVICES -d fd00:96::a/128 -p udp -m udp --dport 53 -m comment --comment "ns/dns:dns cluster IP" -j KPA-SVC-AHMVK2QKEUIM3L6V
+        -A KPA-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-AHMVK2QKEUIM3L6V ! -s fd00:244::/48 -d fd00:96::a/128 -p udp -m udp --dport 53 -j KPA-MARK-MASQ
         -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.3333333333 -j KPA-SEP-I5ENVGB5QU4V4CY3
         -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-236QWUJSK7CTVGTR
         -A KPA-SVC-AHMVK2QKEUIM3L6V -j KPA-SEP-36BYHKJU7JLBMTB6
-        -A KPA-SERVICES -d fd00:96::a/128 -p udp -m udp --dport 53 -m comment --comment "ns/dns:dns cluster IP" -j KPA-SVC-AHMVK2QKEUIM3L6V
-        -A KPA-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -584,23 +584,25 @@ def test_masquerade_all_with_an_external_ip() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
-        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
+        :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
+        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
@@ -608,13 +610,11 @@ def test_masquerade_all_with_an_external_ip() -> None:
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
         -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
-        -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http external IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -634,49 +634,49 @@ def test_two_cluster_cidrs() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         COMMIT
         *nat
+        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SEP-DKQJRHXCFGEO5SI4 - [0:0]
+        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
+        :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         :KPA-SVL-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-EXT-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
-        -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
-        -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
-        -A KPA-MASQ-NOT-PODS -s 10.245.0.0/16 -j RETURN
-        -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
-        -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
-        -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
-        -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SEP-DKQJRHXCFGEO5SI4 -s 10.245.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-DKQJRHXCFGEO5SI4 -p tcp -m tcp -j DNAT --to-destination 10.245.2.6:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MASQ-NOT-PODS
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-DKQJRHXCFGEO5SI4
-        -A KPA-SVL-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MASQ-NOT-PODS
-        -A KPA-SVL-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.244.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -s 10.245.0.0/16 -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-MARK-MASQ
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -m addrtype --src-type LOCAL -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-SVL-5SSZ2E7KIPKI2VRR
+        -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
+        -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
+        -A KPA-MASQ-NOT-PODS -s 10.245.0.0/16 -j RETURN
+        -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
+        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
+        -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+        -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
+        -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
+        -A KPA-SEP-DKQJRHXCFGEO5SI4 -s 10.245.2.6/32 -j KPA-MARK-MASQ
+        -A KPA-SEP-DKQJRHXCFGEO5SI4 -p tcp -m tcp -j DNAT --to-destination 10.245.2.6:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
-        -A KPA-NODEPORTS -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http node port" -j KPA-EXT-5SSZ2E7KIPKI2VRR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MASQ-NOT-PODS
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-DKQJRHXCFGEO5SI4
+        -A KPA-SVL-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MASQ-NOT-PODS
+        -A KPA-SVL-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -694,22 +694,22 @@ def test_nodeport_addresses_and_a_node_port_without_endpoints() -> None:
     )
     assert text == expect("""
         *filter
+        :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-FORWARD - [0:0]
+        :KPA-HEALTH-CHECKS - [0:0]
         :KPA-LOCALNET - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-EXTERNAL-SERVICES - [0:0]
-        :KPA-HEALTH-CHECKS - [0:0]
+        -A KPA-EXTERNAL-SERVICES -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http has no endpoints" -j REJECT
         -A KPA-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
         -A KPA-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http has no endpoints" -j REJECT
-        -A KPA-EXTERNAL-SERVICES -m addrtype --dst-type LOCAL -p tcp -m tcp --dport 30080 -m comment --comment "ns/web:http has no endpoints" -j REJECT
         COMMIT
         *nat
         :KPA-MARK-MASQ - [0:0]
         :KPA-MASQ-NOT-PODS - [0:0]
+        :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
         :KPA-SERVICES - [0:0]
-        :KPA-NODEPORTS - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
         -A KPA-MASQ-NOT-PODS -s 10.244.0.0/16 -j RETURN
         -A KPA-MASQ-NOT-PODS -j KPA-MARK-MASQ
@@ -787,9 +787,9 @@ def test_partial_sync_writes_only_the_changed_service() -> None:
     result = node.sync()
     assert result.text == expect("""
         *nat
+        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
-        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
         -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -827,15 +827,15 @@ def test_service_gaining_its_first_endpoint_rewrites_the_dispatch_chains() -> No
         COMMIT
         *nat
         :KPA-SEP-LERGOJ2PLHEGXB2C - [0:0]
-        :KPA-SVC-BGWYRPPMUUSJXOUY - [0:0]
         :KPA-SERVICES - [0:0]
+        :KPA-SVC-BGWYRPPMUUSJXOUY - [0:0]
         -A KPA-SEP-LERGOJ2PLHEGXB2C -s 10.244.3.7/32 -j KPA-MARK-MASQ
         -A KPA-SEP-LERGOJ2PLHEGXB2C -p tcp -m tcp -j DNAT --to-destination 10.244.3.7:8080
-        -A KPA-SVC-BGWYRPPMUUSJXOUY ! -s 10.244.0.0/16 -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-BGWYRPPMUUSJXOUY -j KPA-SEP-LERGOJ2PLHEGXB2C
         -A KPA-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/db:http cluster IP" -j KPA-SVC-BGWYRPPMUUSJXOUY
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
+        -A KPA-SVC-BGWYRPPMUUSJXOUY ! -s 10.244.0.0/16 -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
+        -A KPA-SVC-BGWYRPPMUUSJXOUY -j KPA-SEP-LERGOJ2PLHEGXB2C
         COMMIT
         """)  # noqa: E501
 
@@ -849,8 +849,8 @@ def test_removing_a_service_deletes_its_chains_and_rewrites_the_dispatch_chain()
     result = node.sync()
     assert result.text == expect("""
         *nat
-        :KPA-SERVICES - [0:0]
         :KPA-SEP-LERGOJ2PLHEGXB2C - [0:0]
+        :KPA-SERVICES - [0:0]
         :KPA-SVC-BGWYRPPMUUSJXOUY - [0:0]
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
@@ -901,13 +901,13 @@ def test_reset_forces_the_dispatch_chains_to_be_rewritten() -> None:
     assert not node.renderer.in_sync
     assert node.sync().text == expect("""
         *filter
-        :KPA-SERVICES - [0:0]
         :KPA-EXTERNAL-SERVICES - [0:0]
         :KPA-HEALTH-CHECKS - [0:0]
+        :KPA-SERVICES - [0:0]
         COMMIT
         *nat
-        :KPA-SERVICES - [0:0]
         :KPA-NODEPORTS - [0:0]
+        :KPA-SERVICES - [0:0]
         -A KPA-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/db:http cluster IP" -j KPA-SVC-BGWYRPPMUUSJXOUY
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
