@@ -111,8 +111,9 @@ def test_chain_names_are_stable_hashes() -> None:
 
 def test_cluster_ip_with_two_endpoints() -> None:
     """A ClusterIP Service (10.96.0.10:80) with two ready endpoints on other nodes: the cluster IP
-    jumps to KPA-SVC, which sends half the new connections to the first endpoint and the rest to the
-    second; traffic from outside the pod CIDR is marked for masquerade."""
+    jumps to KPA-SVC, which DNATs half the new connections to the first endpoint and the rest to the
+    second (no endpoint chains: neither endpoint can reach itself through this node); traffic from
+    outside the pod CIDR is marked for masquerade."""
     text = full_text(
         service("web", "10.96.0.10", HTTP),
         endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.2.6")]),
@@ -132,8 +133,6 @@ def test_cluster_ip_with_two_endpoints() -> None:
         :KPA-MASQ-NOT-PODS - [0:0]
         :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-JCWLNDCAE5RWD7YY - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
@@ -142,15 +141,11 @@ def test_cluster_ip_with_two_endpoints() -> None:
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-PFO2MPPOACGHSRKR
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-JCWLNDCAE5RWD7YY
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -520,6 +515,29 @@ def test_load_balancer_with_source_ranges() -> None:
         """)  # noqa: E501
 
 
+def test_endpoint_chains_only_where_hairpin_or_affinity_needs_one() -> None:
+    """An endpoint gets a KPA-SEP- chain (hairpin mark, then DNAT) when it may reach itself through
+    this node: it is on this node or names no node, or its Service is reachable from other nodes
+    (a node port); or when ClientIP affinity records it. Any other is DNATed from the service chain."""
+    local, remote, unnamed = "10.244.1.5", "10.244.2.6", "10.244.3.7"
+    eps = [endpoint(local, NODE), endpoint(remote), {"addresses": [unnamed], "conditions": {}}]
+
+    def seps(text: str) -> set[str]:
+        return set(re.findall(r"^-A KPA-SEP-\w+ -s ([\d.]+)/32 -j KPA-MARK-MASQ$", text, flags=re.M))
+
+    def direct(text: str) -> set[str]:
+        return set(re.findall(r"^-A KPA-SVC-\w+ .*-j DNAT --to-destination ([\d.]+):8080$", text, flags=re.M))
+
+    cluster_ip = full_text(service("web", "10.96.0.10", HTTP), endpoint_slice("web-1", "web", eps))
+    assert (seps(cluster_ip), direct(cluster_ip)) == ({local, unnamed}, {remote})
+    node_port = full_text(service("web", "10.96.0.10", HTTP_NP, type="NodePort"),
+                          endpoint_slice("web-1", "web", eps))
+    assert (seps(node_port), direct(node_port)) == ({local, remote, unnamed}, set())
+    sticky = full_text(service("web", "10.96.0.10", HTTP, sessionAffinity="ClientIP"),
+                       endpoint_slice("web-1", "web", eps))
+    assert (seps(sticky), direct(sticky)) == ({local, remote, unnamed}, set())
+
+
 def test_ipv6_udp_service_with_three_endpoints() -> None:
     """An IPv6 UDP Service (DNS on [fd00:96::a]:53) with three endpoints: host matches are /128, the
     DNAT target is [ip]:port, the loopback exclusion is ::1/128, and the spread is 1/3, 1/2, rest."""
@@ -544,9 +562,6 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
         :KPA-MASQ-NOT-PODS - [0:0]
         :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-236QWUJSK7CTVGTR - [0:0]
-        :KPA-SEP-36BYHKJU7JLBMTB6 - [0:0]
-        :KPA-SEP-I5ENVGB5QU4V4CY3 - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-AHMVK2QKEUIM3L6V - [0:0]
         -A KPA-MARK-MASQ -j MARK --or-mark 0x4000
@@ -555,18 +570,12 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-236QWUJSK7CTVGTR -s fd00:244::6/128 -j KPA-MARK-MASQ
-        -A KPA-SEP-236QWUJSK7CTVGTR -p udp -m udp -j DNAT --to-destination [fd00:244::6]:5353
-        -A KPA-SEP-36BYHKJU7JLBMTB6 -s fd00:244::7/128 -j KPA-MARK-MASQ
-        -A KPA-SEP-36BYHKJU7JLBMTB6 -p udp -m udp -j DNAT --to-destination [fd00:244::7]:5353
-        -A KPA-SEP-I5ENVGB5QU4V4CY3 -s fd00:244::5/128 -j KPA-MARK-MASQ
-        -A KPA-SEP-I5ENVGB5QU4V4CY3 -p udp -m udp -j DNAT --to-destination [fd00:244::5]:5353
         -A KPA-SERVICES -d fd00:96::a/128 -p udp -m udp --dport 53 -m comment --comment "ns/dns:dns cluster IP" -j KPA-SVC-AHMVK2QKEUIM3L6V
         -A KPA-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-AHMVK2QKEUIM3L6V ! -s fd00:244::/48 -d fd00:96::a/128 -p udp -m udp --dport 53 -j KPA-MARK-MASQ
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.3333333333 -j KPA-SEP-I5ENVGB5QU4V4CY3
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.5000000000 -j KPA-SEP-236QWUJSK7CTVGTR
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -j KPA-SEP-36BYHKJU7JLBMTB6
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.3333333333 -p udp -m udp -j DNAT --to-destination [fd00:244::5]:5353
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.5000000000 -p udp -m udp -j DNAT --to-destination [fd00:244::6]:5353
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -p udp -m udp -j DNAT --to-destination [fd00:244::7]:5353
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -768,11 +777,13 @@ def test_chain_names_start_with_kpa_and_fit_iptables() -> None:
 
 
 def two_services() -> Node:
+    """web and db, their endpoints on this node: each endpoint has its own chain (for the hairpin
+    mark), so these tests see endpoint chains come and go."""
     node = Node().apply(
         service("web", "10.96.0.10", HTTP),
-        endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.2.6")]),
+        endpoint_slice("web-1", "web", [endpoint("10.244.1.5", NODE), endpoint("10.244.2.6", NODE)]),
         service("db", "10.96.0.20", HTTP),
-        endpoint_slice("db-1", "db", [endpoint("10.244.3.7")]),
+        endpoint_slice("db-1", "db", [endpoint("10.244.3.7", NODE)]),
     )
     node.sync(full=True)
     return node
@@ -783,7 +794,7 @@ def test_partial_sync_writes_only_the_changed_service() -> None:
     remaining chains, flushes and deletes the endpoint chain that went away, and leaves KPA-SERVICES
     (whose text did not change) and the db Service alone."""
     node = two_services()
-    node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5")]))
+    node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5", NODE)]))
     result = node.sync()
     assert result.text == expect("""
         *nat
@@ -826,16 +837,13 @@ def test_service_gaining_its_first_endpoint_rewrites_the_dispatch_chains() -> No
         :KPA-SERVICES - [0:0]
         COMMIT
         *nat
-        :KPA-SEP-LERGOJ2PLHEGXB2C - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-BGWYRPPMUUSJXOUY - [0:0]
-        -A KPA-SEP-LERGOJ2PLHEGXB2C -s 10.244.3.7/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-LERGOJ2PLHEGXB2C -p tcp -m tcp -j DNAT --to-destination 10.244.3.7:8080
         -A KPA-SERVICES -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/db:http cluster IP" -j KPA-SVC-BGWYRPPMUUSJXOUY
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-BGWYRPPMUUSJXOUY ! -s 10.244.0.0/16 -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-BGWYRPPMUUSJXOUY -j KPA-SEP-LERGOJ2PLHEGXB2C
+        -A KPA-SVC-BGWYRPPMUUSJXOUY -p tcp -m tcp -j DNAT --to-destination 10.244.3.7:8080
         COMMIT
         """)  # noqa: E501
 
@@ -884,11 +892,11 @@ def test_full_sync_with_existing_chains_deletes_leftovers() -> None:
 
 def test_full_sync_after_a_partial_one_writes_everything() -> None:
     node = two_services()
-    node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5")]))
+    node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5", NODE)]))
     node.sync()
     fresh = Node().apply(
-        service("web", "10.96.0.10", HTTP), endpoint_slice("web-1", "web", [endpoint("10.244.1.5")]),
-        service("db", "10.96.0.20", HTTP), endpoint_slice("db-1", "db", [endpoint("10.244.3.7")]),
+        service("web", "10.96.0.10", HTTP), endpoint_slice("web-1", "web", [endpoint("10.244.1.5", NODE)]),
+        service("db", "10.96.0.20", HTTP), endpoint_slice("db-1", "db", [endpoint("10.244.3.7", NODE)]),
     )
     assert node.sync(full=True).text == fresh.sync(full=True).text
 
@@ -931,7 +939,7 @@ def test_big_full_sync_is_split_into_batches_with_shared_chains_last() -> None:
     node = Node()
     for i in range(6):
         node.apply(service(f"s{i}", f"10.96.1.{i}", HTTP),
-                   endpoint_slice(f"s{i}-1", f"s{i}", [endpoint(f"10.244.1.{i + 1}")]))
+                   endpoint_slice(f"s{i}-1", f"s{i}", [endpoint(f"10.244.1.{i + 1}", NODE)]))
     result = node.sync(full=True, batch_chains=4)
     assert len(result.batches) == 4  # base chains + 6 services * 2 chains in 3 batches, then dispatch
     assert ":KPA-SERVICES - [0:0]" in result.batches[-1]
@@ -1065,7 +1073,7 @@ def test_periodic_sync_with_a_change_deletes_each_old_chain_once() -> None:
     for batch in (0, 1):
         node = two_services()
         existing = {t: set(chains) for t, chains in _chains_in(node.sync(full=True).text).items()}
-        node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5"), endpoint("10.244.9.9")]))
+        node.apply(endpoint_slice("web-1", "web", [endpoint("10.244.1.5", NODE), endpoint("10.244.9.9", NODE)]))
         update = node.model.drain()
         out = node.renderer.render(node.desired, update.changed[node.family], full=False,
                                    existing_chains=existing, batch_chains=batch)

@@ -121,14 +121,27 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
     match = _match(proto, info.port)
     cip = _host(info.cluster_ip, fam)
 
-    # Endpoint chains, shared by the cluster (SVC) and local (SVL) chains.
-    sep_names: dict[EndpointInfo, str] = {}
+    # What choosing an endpoint does, shared by the cluster (SVC) and local (SVL) chains. An
+    # endpoint gets a chain of its own (KPA-SEP-) when something must happen besides the DNAT: the
+    # hairpin mark, for an endpoint that can reach itself through this node (one of this node, or
+    # with no node named, through any frontend; one elsewhere only through a frontend other nodes
+    # reach: a node port, external or load-balancer IP; cluster IP traffic is DNATed on the
+    # client's own node), or the ClientIP affinity record. Any other endpoint is a DNAT rule in the
+    # service chain itself: every chain costs each restore (iptables-restore looks each one up by
+    # name in a 512-bucket hash; the kernel table carries a head and a tail entry per chain), and
+    # at 10k Services x 10 endpoints spread over many nodes nearly all endpoints are of that kind.
+    pick: dict[EndpointInfo, str] = {}
     for ep in sorted(plan.all_endpoints):
+        dnat = f"-p {_proto(proto)} -m {_proto(proto)}"
+        if not (info.affinity_seconds or not ep.node_name or ep.node_name == node.node_name
+                or info.externally_accessible):
+            pick[ep] = f"{dnat} -j DNAT --to-destination {ep.address}"
+            continue
         name = C.endpoint_chain(spn, proto, ep.address)
-        sep_names[ep] = name
+        pick[ep] = f"-j {name}"
         rules = [f"-A {name} -s {_host(ep.ip, fam)} -j {C.MARK_MASQ}"]
         aff = f" -m recent --name {name} --mask {_mask(fam)} --rsource --set" if info.affinity_seconds else ""
-        rules.append(f"-A {name} -p {_proto(proto)} -m {_proto(proto)}{aff} -j DNAT --to-destination {ep.address}")
+        rules.append(f"-A {name} {dnat}{aff} -j DNAT --to-destination {ep.address}")
         nat.append((name, tuple(rules)))
 
     def spread(chain: str, eps: tuple[EndpointInfo, ...]) -> tuple[str, ...]:
@@ -142,20 +155,19 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
         if info.affinity_seconds:
             mask = _mask(fam)
             for ep in eps:
-                sep = sep_names[ep]
+                sep = C.endpoint_chain(spn, proto, ep.address)
                 rules.append(
                     f"-A {chain} -m recent --name {sep} --mask {mask} --rsource --rcheck "
                     f"--seconds {info.affinity_seconds} --reap -j {sep}"
                 )
         n = len(eps)
         for i, ep in enumerate(eps):
-            sep = sep_names[ep]
             if i < n - 1:
                 rules.append(
-                    f"-A {chain} -m statistic --mode random --probability {1.0 / (n - i):.10f} -j {sep}"
+                    f"-A {chain} -m statistic --mode random --probability {1.0 / (n - i):.10f} {pick[ep]}"
                 )
             else:
-                rules.append(f"-A {chain} -j {sep}")
+                rules.append(f"-A {chain} {pick[ep]}")
         return tuple(rules)
 
     if plan.cluster:
