@@ -144,8 +144,8 @@ def test_cluster_ip_with_two_endpoints() -> None:
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -m statistic --mode random --probability 0.5000000000 -p tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -j DNAT --to-destination 10.244.2.6:8080
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -189,7 +189,7 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -278,9 +278,9 @@ def test_external_traffic_policy_local_with_local_and_remote_endpoints() -> None
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -j DNAT --to-destination 10.244.2.6:8080
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -335,7 +335,7 @@ def test_external_traffic_policy_local_with_only_remote_endpoints() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -j DNAT --to-destination 10.244.2.6:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -379,7 +379,7 @@ def test_internal_traffic_policy_local() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVL-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVL-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -441,9 +441,9 @@ def test_session_affinity_client_ip() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-JCWLNDCAE5RWD7YY -s 10.244.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m tcp -m recent --name KPA-SEP-JCWLNDCAE5RWD7YY --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.2.6:8080
+        -A KPA-SEP-JCWLNDCAE5RWD7YY -p tcp -m recent --name KPA-SEP-JCWLNDCAE5RWD7YY --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.2.6:8080
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -m recent --name KPA-SEP-PFO2MPPOACGHSRKR --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m recent --name KPA-SEP-PFO2MPPOACGHSRKR --mask 255.255.255.255 --rsource --set -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
@@ -497,7 +497,7 @@ def test_load_balancer_with_source_ranges() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http load balancer IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
@@ -573,9 +573,9 @@ def test_ipv6_udp_service_with_three_endpoints() -> None:
         -A KPA-SERVICES -d fd00:96::a/128 -p udp -m udp --dport 53 -m comment --comment "ns/dns:dns cluster IP" -j KPA-SVC-AHMVK2QKEUIM3L6V
         -A KPA-SERVICES ! -d ::1/128 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-AHMVK2QKEUIM3L6V ! -s fd00:244::/48 -d fd00:96::a/128 -p udp -m udp --dport 53 -j KPA-MARK-MASQ
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.3333333333 -p udp -m udp -j DNAT --to-destination [fd00:244::5]:5353
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.5000000000 -p udp -m udp -j DNAT --to-destination [fd00:244::6]:5353
-        -A KPA-SVC-AHMVK2QKEUIM3L6V -p udp -m udp -j DNAT --to-destination [fd00:244::7]:5353
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.3333333333 -p udp -j DNAT --to-destination [fd00:244::5]:5353
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -m statistic --mode random --probability 0.5000000000 -p udp -j DNAT --to-destination [fd00:244::6]:5353
+        -A KPA-SVC-AHMVK2QKEUIM3L6V -p udp -j DNAT --to-destination [fd00:244::7]:5353
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -618,7 +618,7 @@ def test_masquerade_all_with_an_external_ip() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http external IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
@@ -676,9 +676,9 @@ def test_two_cluster_cidrs() -> None:
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
         -A KPA-SEP-DKQJRHXCFGEO5SI4 -s 10.245.2.6/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-DKQJRHXCFGEO5SI4 -p tcp -m tcp -j DNAT --to-destination 10.245.2.6:8080
+        -A KPA-SEP-DKQJRHXCFGEO5SI4 -p tcp -j DNAT --to-destination 10.245.2.6:8080
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MASQ-NOT-PODS
@@ -802,7 +802,7 @@ def test_partial_sync_writes_only_the_changed_service() -> None:
         :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -m tcp -j DNAT --to-destination 10.244.1.5:8080
+        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
         -X KPA-SEP-JCWLNDCAE5RWD7YY
@@ -843,7 +843,7 @@ def test_service_gaining_its_first_endpoint_rewrites_the_dispatch_chains() -> No
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-BGWYRPPMUUSJXOUY ! -s 10.244.0.0/16 -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-BGWYRPPMUUSJXOUY -p tcp -m tcp -j DNAT --to-destination 10.244.3.7:8080
+        -A KPA-SVC-BGWYRPPMUUSJXOUY -p tcp -j DNAT --to-destination 10.244.3.7:8080
         COMMIT
         """)  # noqa: E501
 

@@ -130,9 +130,12 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
     # service chain itself: every chain costs each restore (iptables-restore looks each one up by
     # name in a 512-bucket hash; the kernel table carries a head and a tail entry per chain), and
     # at 10k Services x 10 endpoints spread over many nodes nearly all endpoints are of that kind.
+    # The DNAT needs the protocol (-p) for its port, and no `-m tcp` match: that one matched
+    # nothing more and cost every restore a match lookup per rule (kernel and iptables-save alike;
+    # 10% of a legacy one-Service restore at 10k).
+    dnat = f"-p {_proto(proto)}"
     pick: dict[EndpointInfo, str] = {}
     for ep in sorted(plan.all_endpoints):
-        dnat = f"-p {_proto(proto)} -m {_proto(proto)}"
         if not (info.affinity_seconds or not ep.node_name or ep.node_name == node.node_name
                 or info.externally_accessible):
             pick[ep] = f"{dnat} -j DNAT --to-destination {ep.address}"
