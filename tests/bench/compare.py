@@ -97,6 +97,9 @@ class ProxyNode(Protocol):
     def memory(self) -> tuple[float, float]:
         """(peak, latest) RSS of the proxy's process tree in MB, sampled every 0.25 s."""
 
+    def phase(self, name: str) -> dict[str, float]:
+        """Start the benchmark phase `name`; the peak RSS (MB) of each phase so far, where known."""
+
     def close(self) -> None: ...
 
 
@@ -130,6 +133,12 @@ class NsNode:
     def memory(self) -> tuple[float, float]:
         return (self.watch.peak, self.watch.last) if self.watch is not None else (0.0, 0.0)
 
+    def phase(self, name: str) -> dict[str, float]:
+        if self.watch is None:
+            return {}
+        self.watch.phase = name
+        return dict(self.watch.peaks)
+
     def close(self) -> None:
         if self.watch is not None:
             self.watch.stop()
@@ -160,6 +169,9 @@ class GuestNode:
     def memory(self) -> tuple[float, float]:
         got = self.node.rpc("stats")
         return float(got["peak"]), float(got["rss"])
+
+    def phase(self, name: str) -> dict[str, float]:
+        return {}  # the guest keeps one peak
 
     def close(self) -> None:
         self.node.close()
@@ -294,6 +306,8 @@ class Bench:
             time.sleep(2)  # let any sync still running after the first answer finish
 
             # a trickle of changes
+            for n in live.values():
+                n.phase("changes")
             cpu0 = {p: n.cpu() for p, n in live.items()}
             w0 = time.monotonic()
             for k in range(a.changes):
@@ -310,6 +324,8 @@ class Bench:
                 figs[p].cpu_trickle = (n.cpu() - cpu0[p]) / minutes
 
             # a burst: other Services' slices, the probe's last
+            for n in live.values():
+                n.phase("burst")
             rng = random.Random(size)
             b0 = time.monotonic()
             for j in range(a.burst - 1):
@@ -323,6 +339,8 @@ class Bench:
             self.h.say(f"burst of {a.burst} updates written in {t0 - b0:.2f}s")
 
             # idle: periodic syncs only
+            for n in live.values():
+                n.phase("idle")
             cpu0 = {p: n.cpu() for p, n in live.items()}
             time.sleep(a.idle)
             for p, n in live.items():
@@ -331,6 +349,9 @@ class Bench:
             for p, n in nodes.items():
                 try:
                     figs[p].peak_mb, figs[p].steady_mb = n.memory()
+                    if peaks := n.phase("done"):
+                        self.h.say(f"{p} ({mode}, {size}): peak RSS (tree) by phase, MB: "
+                                   + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "done"))
                 finally:
                     n.close()
         return figs

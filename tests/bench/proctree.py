@@ -58,12 +58,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Watch:
-    """Samples one process tree's RSS every 0.25 s: `peak` and `last` (MB)."""
+    """Samples one process tree's RSS every 0.25 s: `peak` and `last` (MB), and the peak of each
+    phase the caller names (`phase`), so a report can say when the peak happened."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak = 0.0
         self.last = 0.0
+        self.phase = "cold start"
+        self.peaks: dict[str, float] = {}
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -71,6 +74,7 @@ class Watch:
         while not self._stop.is_set():
             self.last = rss_mb(self.pid)
             self.peak = max(self.peak, self.last)
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.last)
             self._stop.wait(0.25)
 
     def stop(self) -> None:
