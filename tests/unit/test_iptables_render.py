@@ -10,6 +10,7 @@ Then the incremental behaviour of IptablesRenderer: partial syncs write only wha
 
 from __future__ import annotations
 
+import random
 import re
 from textwrap import dedent
 from typing import Any
@@ -814,6 +815,36 @@ def test_partial_sync_writes_only_the_changed_service() -> None:
     # What the tables hold afterwards. nat: MARK-MASQ 1 + MASQ-NOT-PODS 2 + POSTROUTING 3 + KPA-SERVICES 3
     # (two cluster IPs and the node-port jump) + web 4 (SEP 2, SVC 2) + db 4 (SEP 2, SVC 2).
     assert result.totals == {"filter": 2, "nat": 17, "mangle": 0}
+
+
+def test_partial_syncs_keep_shared_chains_and_totals_as_a_full_render_has_them() -> None:
+    """A partial sync rebuilds a shared chain only when a rendered port's lines there changed, and
+    keeps each table's rule total as it goes (it no longer walks every port). After any mix of
+    Services added, changed (endpoints, type) and deleted, the shared chains' text and the totals
+    are those of a full render of the same state on a fresh renderer."""
+    rng = random.Random(7)
+    node = Node()
+    for i in range(12):
+        node.apply(service(f"s{i}", f"10.96.2.{i}", HTTP),
+                   endpoint_slice(f"s{i}-1", f"s{i}", [endpoint(f"10.244.2.{i}")]))
+    node.sync(full=True)
+    for step in range(80):
+        i = rng.randrange(16)  # s12..s15 start absent
+        what = rng.choice(["endpoints", "nodeport", "delete"])
+        if what == "delete":
+            node.delete("Service", f"s{i}")
+            node.delete("EndpointSlice", f"s{i}-1")
+        else:
+            eps = [endpoint(f"10.244.3.{rng.randrange(200)}", rng.choice([NODE, "node-b"]))
+                   for _ in range(rng.randrange(3))]
+            svc = (service(f"s{i}", f"10.96.2.{i}", HTTP_NP, type="NodePort") if what == "nodeport"
+                   else service(f"s{i}", f"10.96.2.{i}", HTTP))
+            node.apply(svc, endpoint_slice(f"s{i}-1", f"s{i}", eps))
+        out = node.sync()
+        fresh = IptablesRenderer()
+        want = fresh.render(node.desired, (), full=True)
+        assert out.totals == want.totals, step
+        assert node.renderer._dispatch_text == fresh._dispatch_text, step
 
 
 def test_partial_sync_with_nothing_changed_writes_nothing() -> None:
