@@ -139,6 +139,11 @@ class NsNode:
         self.watch.phase = name
         return dict(self.watch.peaks)
 
+    def peak_parts(self) -> str:
+        """The processes of the tree at its peak sample, e.g. 'python3 280 + iptables-restor 140'."""
+        parts = self.watch.peak_parts if self.watch is not None else []
+        return " + ".join(f"{name} {mb:.0f}" for name, mb in parts)
+
     def close(self) -> None:
         if self.watch is not None:
             self.watch.stop()
@@ -351,7 +356,8 @@ class Bench:
                     figs[p].peak_mb, figs[p].steady_mb = n.memory()
                     if peaks := n.phase("done"):
                         self.h.say(f"{p} ({mode}, {size}): peak RSS (tree) by phase, MB: "
-                                   + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "done"))
+                                   + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items() if k != "done")
+                                   + (f"; at the peak: {n.peak_parts()}" if isinstance(n, NsNode) else ""))
                 finally:
                     n.close()
         return figs

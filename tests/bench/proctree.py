@@ -47,14 +47,20 @@ def cpu_s(pid: int) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    total = 0
+    return sum(mb for _, mb in rss_parts(pid))
+
+
+def rss_parts(pid: int) -> list[tuple[str, float]]:
+    """(command name, RSS in MB) of each process of the tree, the root first."""
+    out: list[tuple[str, float]] = []
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")), 0)
-        except OSError:
+                fields = dict(ln.split(":", 1) for ln in f if ln.startswith(("Name:", "VmRSS:")))
+        except (OSError, ValueError):
             continue
-    return total / 1024
+        out.append((fields.get("Name", "?").strip(), int(fields.get("VmRSS", "0 kB").split()[0]) / 1024))
+    return out
 
 
 class Watch:
@@ -67,13 +73,16 @@ class Watch:
         self.last = 0.0
         self.phase = "cold start"
         self.peaks: dict[str, float] = {}
+        self.peak_parts: list[tuple[str, float]] = []  # the processes at the peak sample
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.last = rss_mb(self.pid)
-            self.peak = max(self.peak, self.last)
+            parts = rss_parts(self.pid)
+            self.last = sum(mb for _, mb in parts)
+            if self.last > self.peak:
+                self.peak, self.peak_parts = self.last, parts
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.last)
             self._stop.wait(0.25)
 
