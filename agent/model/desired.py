@@ -121,6 +121,18 @@ class ServicePlan:
     def all_endpoints(self) -> frozenset[EndpointInfo]:
         return frozenset(self.cluster) | frozenset(self.local)
 
+    def hairpin_endpoints(self, node_name: str) -> frozenset[EndpointInfo]:
+        """The endpoints a connection DNATed here may come from unmasqueraded, so it needs the
+        hairpin masquerade (else the endpoint answers itself directly and drops the reply): this
+        node's endpoints, and those naming no node, through any frontend; another node's only when
+        that node's pods reach this node's cluster chain unmasqueraded, which the pods-to-cluster
+        step of externalTrafficPolicy Local does. Cluster IP traffic is DNATed on the client's own
+        node, and any other way in from another node (externalTrafficPolicy Cluster, the node
+        short circuit) is masqueraded already."""
+        if "pods-to-cluster" in self.external_steps:
+            return self.all_endpoints
+        return frozenset(ep for ep in self.all_endpoints if not ep.node_name or ep.node_name == node_name)
+
     def _unserved(self, endpoints: tuple[EndpointInfo, ...]) -> Unserved | None:
         if endpoints:
             return None

@@ -177,7 +177,6 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
         :KPA-MASQ-NOT-PODS - [0:0]
         :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
@@ -189,12 +188,10 @@ def test_node_port_with_external_traffic_policy_cluster() -> None:
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -485,7 +482,6 @@ def test_load_balancer_with_source_ranges() -> None:
         :KPA-MASQ-NOT-PODS - [0:0]
         :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
@@ -497,13 +493,11 @@ def test_load_balancer_with_source_ranges() -> None:
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http load balancer IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]
@@ -517,9 +511,11 @@ def test_load_balancer_with_source_ranges() -> None:
 
 
 def test_endpoint_chains_only_where_hairpin_or_affinity_needs_one() -> None:
-    """An endpoint gets a KPA-SEP- chain (hairpin mark, then DNAT) when it may reach itself through
-    this node: it is on this node or names no node, or its Service is reachable from other nodes
-    (a node port); or when ClientIP affinity records it. Any other is DNATed from the service chain."""
+    """An endpoint gets a KPA-SEP- chain (hairpin mark, then DNAT) when a connection to it may come
+    from itself unmasqueraded: it is on this node or names no node, or pods of other nodes reach
+    this node's cluster chain unmasqueraded (a node port with externalTrafficPolicy Local; with
+    Cluster, everything from outside is masqueraded anyway); or when ClientIP affinity records it.
+    Any other is DNATed from the service chain."""
     local, remote, unnamed = "10.244.1.5", "10.244.2.6", "10.244.3.7"
     eps = [endpoint(local, NODE), endpoint(remote), {"addresses": [unnamed], "conditions": {}}]
 
@@ -533,7 +529,10 @@ def test_endpoint_chains_only_where_hairpin_or_affinity_needs_one() -> None:
     assert (seps(cluster_ip), direct(cluster_ip)) == ({local, unnamed}, {remote})
     node_port = full_text(service("web", "10.96.0.10", HTTP_NP, type="NodePort"),
                           endpoint_slice("web-1", "web", eps))
-    assert (seps(node_port), direct(node_port)) == ({local, remote, unnamed}, set())
+    assert (seps(node_port), direct(node_port)) == ({local, unnamed}, {remote})
+    etp_local = full_text(service("web", "10.96.0.10", HTTP_NP, type="NodePort", externalTrafficPolicy="Local"),
+                          endpoint_slice("web-1", "web", eps))
+    assert (seps(etp_local), direct(etp_local)) == ({local, remote, unnamed}, set())
     sticky = full_text(service("web", "10.96.0.10", HTTP, sessionAffinity="ClientIP"),
                        endpoint_slice("web-1", "web", eps))
     assert (seps(sticky), direct(sticky)) == ({local, remote, unnamed}, set())
@@ -608,7 +607,6 @@ def test_masquerade_all_with_an_external_ip() -> None:
         :KPA-MASQ-NOT-PODS - [0:0]
         :KPA-NODEPORTS - [0:0]
         :KPA-POSTROUTING - [0:0]
-        :KPA-SEP-PFO2MPPOACGHSRKR - [0:0]
         :KPA-SERVICES - [0:0]
         :KPA-SVC-5SSZ2E7KIPKI2VRR - [0:0]
         -A KPA-EXT-5SSZ2E7KIPKI2VRR -j KPA-MARK-MASQ
@@ -618,13 +616,11 @@ def test_masquerade_all_with_an_external_ip() -> None:
         -A KPA-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
         -A KPA-POSTROUTING -j MARK --xor-mark 0x4000
         -A KPA-POSTROUTING -m comment --comment "kube-proxy-agent service traffic requiring SNAT" -j MASQUERADE --random-fully
-        -A KPA-SEP-PFO2MPPOACGHSRKR -s 10.244.1.5/32 -j KPA-MARK-MASQ
-        -A KPA-SEP-PFO2MPPOACGHSRKR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         -A KPA-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http cluster IP" -j KPA-SVC-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES -d 192.0.2.10/32 -p tcp -m tcp --dport 80 -m comment --comment "ns/web:http external IP" -j KPA-EXT-5SSZ2E7KIPKI2VRR
         -A KPA-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "node ports" -j KPA-NODEPORTS
         -A KPA-SVC-5SSZ2E7KIPKI2VRR -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KPA-MARK-MASQ
-        -A KPA-SVC-5SSZ2E7KIPKI2VRR -j KPA-SEP-PFO2MPPOACGHSRKR
+        -A KPA-SVC-5SSZ2E7KIPKI2VRR -p tcp -j DNAT --to-destination 10.244.1.5:8080
         COMMIT
         *mangle
         :KPA-FIREWALL - [0:0]

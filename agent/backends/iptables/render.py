@@ -123,21 +123,20 @@ def render_service(plan: ServicePlan, node: NodeContext) -> ServiceRules:
 
     # What choosing an endpoint does, shared by the cluster (SVC) and local (SVL) chains. An
     # endpoint gets a chain of its own (KPA-SEP-) when something must happen besides the DNAT: the
-    # hairpin mark, for an endpoint that can reach itself through this node (one of this node, or
-    # with no node named, through any frontend; one elsewhere only through a frontend other nodes
-    # reach: a node port, external or load-balancer IP; cluster IP traffic is DNATed on the
-    # client's own node), or the ClientIP affinity record. Any other endpoint is a DNAT rule in the
-    # service chain itself: every chain costs each restore (iptables-restore looks each one up by
-    # name in a 512-bucket hash; the kernel table carries a head and a tail entry per chain), and
-    # at 10k Services x 10 endpoints spread over many nodes nearly all endpoints are of that kind.
+    # hairpin mark, for an endpoint that may reach itself through this node unmasqueraded
+    # (ServicePlan.hairpin_endpoints), or the ClientIP affinity record. Any other endpoint is a
+    # DNAT rule in the service chain itself: every chain costs each restore (iptables-restore
+    # looks each one up by name in a 512-bucket hash; the kernel table carries a head and a tail
+    # entry per chain), and at 10k Services x 10 endpoints spread over many nodes nearly all
+    # endpoints are of that kind.
     # The DNAT needs the protocol (-p) for its port, and no `-m tcp` match: that one matched
     # nothing more and cost every restore a match lookup per rule (kernel and iptables-save alike;
     # 10% of a legacy one-Service restore at 10k).
     dnat = f"-p {_proto(proto)}"
     pick: dict[EndpointInfo, str] = {}
+    hairpin = plan.hairpin_endpoints(node.node_name)
     for ep in sorted(plan.all_endpoints):
-        if not (info.affinity_seconds or not ep.node_name or ep.node_name == node.node_name
-                or info.externally_accessible):
+        if not (info.affinity_seconds or ep in hairpin):
             pick[ep] = f"{dnat} -j DNAT --to-destination {ep.address}"
             continue
         name = C.endpoint_chain(spn, proto, ep.address)

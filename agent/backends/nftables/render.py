@@ -203,6 +203,7 @@ def render_service(plan: ServicePlan, node: NodeContext, slots: Slots | None = N
     # sync take 700 ms at 10k services. Hairpin traffic is marked by the `hairpin` set instead.
     # Without affinity, the DNAT is one rule and the endpoints are elements of an endpoint map.
     endpoints: dict[str, EndpointInfo] = {}
+    hairpin = plan.hairpin_endpoints(node.node_name)
     for ep in sorted(plan.all_endpoints, key=lambda e: (e.ip, e.port)):
         endpoints.setdefault(ep.address, ep)
     actions: dict[str, str] = {}
@@ -217,11 +218,8 @@ def render_service(plan: ServicePlan, node: NodeContext, slots: Slots | None = N
             )
             update = f" update @{aff} {{ {ip} saddr }}"
         actions[address] = f"meta l4proto {proto}{update} dnat to {address}"
-        # An endpoint reaching itself through this node: a pod of this node (or an endpoint with
-        # no node named) through any frontend; a pod elsewhere only through a frontend reachable
-        # from other nodes (a NodePort, external or load-balancer IP). Cluster IP traffic is DNATed
-        # on the client's own node.
-        if not ep.node_name or ep.node_name == node.node_name or info.externally_accessible:
+        # An endpoint that may reach itself through this node unmasqueraded (see the plan)
+        if ep in hairpin:
             element(N.HAIRPIN, f"{ep.ip} . {ep.ip}", "", "")
 
     pods = cluster_cidrs_match(node)
