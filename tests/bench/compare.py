@@ -215,6 +215,7 @@ class Figures:
     cold_s: float | None = None
     cold_cpu_s: float | None = None
     lat: list[float] = field(default_factory=list)
+    lat_at: list[float] = field(default_factory=list)  # wall-clock time of each sample's change
     burst_s: float | None = None
     cpu_trickle: float | None = None  # CPU seconds per minute
     cpu_idle: float | None = None
@@ -318,12 +319,14 @@ class Bench:
             for k in range(a.changes):
                 due = w0 + k / a.rate
                 time.sleep(max(0.0, due - time.monotonic()))
+                wall = time.time()
                 t0, name = self.switch_probe()
                 for p, s in self.on_both(live, name, t0, 30).items():
                     if s is None:
                         figs[p].timeouts += 1
                     else:
                         figs[p].lat.append(s)
+                        figs[p].lat_at.append(wall)
             minutes = (time.monotonic() - w0) / 60
             for p, n in live.items():
                 figs[p].cpu_trickle = (n.cpu() - cpu0[p]) / minutes
@@ -430,7 +433,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--proxies", default=",".join(PROXIES),
                     help="which to run (one alone: its figures, '-' for the other)")
     ap.add_argument("--guest-mem", default="3G", help="memory of each user-mode-linux guest (ipvs)")
+    ap.add_argument("--samples", type=Path, help="also write every latency sample to this file, a line each "
+                    "(mode, size, proxy, UTC time of the change, ms), to match slow ones with a proxy's log")
     return ap
+
+
+def write_samples(path: Path, mode: str, size: int, figs: dict[str, Figures]) -> None:
+    with path.open("a") as out:
+        for proxy, f in figs.items():
+            for at, s in zip(f.lat_at, f.lat, strict=True):
+                stamp = time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
+                out.write(f"{mode} {size} {proxy} {stamp} {s * 1000:.1f}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             for mode in modes:
                 figs = bench.run(mode, size)
+                if args.samples:
+                    write_samples(args.samples, mode, size, figs)
                 out.append(table(mode, size, figs, args.changes))
                 print("\n" + out[-1] + "\n", flush=True)
     print(f"\n{version or 'kube-proxy'} vs kube-proxy-agent; --min-sync-period 0, --sync-period {args.sync_period}; "
