@@ -51,15 +51,25 @@ def rss_mb(pid: int) -> float:
 
 
 def rss_parts(pid: int) -> list[tuple[str, float]]:
-    """(command name, RSS in MB) of each process of the tree, the root first."""
+    """(command name, RSS in MB) of each process of the tree, the root first. A child still
+    carrying its parent's name is a fork that has not exec'd yet (Python's subprocess and Go's
+    os/exec clone the proxy, then exec the command): it shares the parent's pages (vfork: the same
+    memory), so counting its RSS would count the proxy twice; it is left out."""
+    kids = _children()
     out: list[tuple[str, float]] = []
-    for p in tree(pid):
+    todo: list[tuple[int, str | None]] = [(pid, None)]
+    while todo:
+        p, parent_name = todo.pop()
         try:
             with open(f"/proc/{p}/status") as f:
                 fields = dict(ln.split(":", 1) for ln in f if ln.startswith(("Name:", "VmRSS:")))
         except (OSError, ValueError):
             continue
-        out.append((fields.get("Name", "?").strip(), int(fields.get("VmRSS", "0 kB").split()[0]) / 1024))
+        name = fields.get("Name", "?").strip()
+        todo += [(k, name) for k in kids.get(p, [])]
+        if name == parent_name:
+            continue
+        out.append((name, int(fields.get("VmRSS", "0 kB").split()[0]) / 1024))
     return out
 
 
