@@ -204,7 +204,8 @@ def _legacy_node(h: Harness, node: SimNode) -> None:
     if node.proxy_kind == "kube-proxy":
         node.proxy = Proc(f"{node.proxy_kind}@{node.name}", h.proxy_argv(node),
                           h.run_dir / "logs" / f"{node.proxy_kind}-{node.name}.log", h.tag, netns=node.netns,
-                          env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
+                          env={**h.node_env(node),
+                               "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
 
 
 # -- the run ----------------------------------------------------------------------------------------

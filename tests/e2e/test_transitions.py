@@ -81,7 +81,8 @@ def _replace_agent(h: Harness, node: SimNode, head: list[str] | None = None, env
         h.start_proxy(node, wait=wait)
         return
     node.proxy = Proc(f"agent@{node.name}", [*head, *h.proxy_argv(node)[1:]],
-                      h.run_dir / "logs" / f"agent-{node.name}.log", h.tag, netns=node.netns, env=env,
+                      h.run_dir / "logs" / f"agent-{node.name}.log", h.tag, netns=node.netns,
+                      env={**h.node_env(node), **(env or {})},
                       keep_sys=node.sockets is not None)
     wall = time.time()
     node.proxy.start()
