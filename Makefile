@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables python3-nftables conntrack ipset iproute2 kmod python3-venv \
-	python3-pip openssl procps ipvsadm user-mode-linux python3-bpfcc linux-headers-amd64
+	python3-pip openssl procps ipvsadm user-mode-linux gcc python3-bpfcc linux-headers-amd64
 PROXY_MODE ?= iptables
 
 .PHONY: install test unit kernel lint typecheck bench bench-compare demo clean

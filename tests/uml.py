@@ -10,11 +10,14 @@ KPA_IN_UML=1 set; its output and exit code come back through a run directory und
 A guest that does not finish in `timeout` seconds is killed.
 
 Needs Debian's user-mode-linux package and /lib/modules/<uml version> linking to
-/usr/lib/uml/modules/<uml version> (`ensure_modules_link`, run by `make install`).
+/usr/lib/uml/modules/<uml version> (`ensure_modules_link`, run by `make install`). On a host whose
+XSAVE area outgrows the guest kernel's buffer (a CPU with AMX) the guest runs with a ptrace shim
+(tests/uml_xstate.c, built with gcc into ~/.cache/kube-proxy-agent), without which its init dies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -33,6 +36,34 @@ MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_sh"
            "xt_conntrack", "xt_addrtype", "xt_MASQUERADE", "xt_nat", "xt_statistic", "xt_recent", "xt_multiport",
            "iptable_nat", "iptable_filter", "iptable_mangle", "ip6table_nat", "ip6table_filter", "ip6table_mangle",
            "ipt_REJECT", "ip6t_REJECT", "nf_reject_ipv4", "dummy", "veth", "bridge", "br_netfilter", "tun", "sctp")
+
+
+XSTATE_SHIM_SOURCE = Path(__file__).with_name("uml_xstate.c")
+
+
+def xstate_shim() -> str:
+    """The LD_PRELOAD shim that lets the guest kernel save and restore its processes' FPU state on
+    a host with a larger XSAVE area than it knows (see uml_xstate.c); built once per source into
+    ~/.cache. "" when it cannot be built (no gcc): on such hosts the guest's init then dies."""
+    source = XSTATE_SHIM_SOURCE.read_bytes()
+    out = Path.home() / ".cache" / "kube-proxy-agent" / f"uml-xstate-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if not out.exists():
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            return ""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        built = subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(XSTATE_SHIM_SOURCE), "-ldl"],
+                               capture_output=True, text=True, check=False)
+        if built.returncode != 0:
+            return ""
+        tmp.replace(out)
+    return str(out)
+
+
+def _uml_env() -> dict[str, str]:
+    shim = xstate_shim()
+    return {**os.environ, "LD_PRELOAD": shim} if shim else dict(os.environ)
 
 
 def uml_version() -> str:
@@ -98,7 +129,7 @@ def run_in_uml(command: Sequence[str], *, mem: str = "1536M", timeout: float = 1
         with open(rundir / "console", "w") as console:
             try:
                 subprocess.run(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               timeout=timeout, check=False, start_new_session=True)
+                               timeout=timeout, check=False, start_new_session=True, env=_uml_env())
             except subprocess.TimeoutExpired:
                 out = (rundir / "output").read_text(errors="replace") if (rundir / "output").exists() else ""
                 return 124, out + f"\n[UML guest killed after {timeout:.0f}s]"
@@ -130,7 +161,7 @@ class Guest:
         self.console = log or (self.rundir / "console")
         with open(self.console, "w") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, env=_uml_env())
 
     def output(self) -> str:
         path = self.rundir / "output"
